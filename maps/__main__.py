@@ -1,0 +1,3 @@
+from maps.cli import main
+
+main(prog_name="maps")

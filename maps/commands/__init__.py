@@ -1,0 +1,1 @@
+"""CLI command modules; each exports ``COMMANDS`` (see :mod:`maps.cli`)."""

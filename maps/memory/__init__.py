@@ -1,0 +1,1 @@
+"""The external memory: encoders, scene and object banks, index, retrieval."""
