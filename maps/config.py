@@ -24,6 +24,8 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # learning-rate multiplier of the MAPS memory layers (parameters named *memory*)
+    cfg.SOLVER.MEMORY_MULTIPLIER = 1.0
 
     cfg.MODEL.MASK_FORMER = CN()
     mf = cfg.MODEL.MASK_FORMER

@@ -1,0 +1,75 @@
+"""Mask2Former's optimizer: per-parameter groups and full-model gradient clipping."""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Dict, List, Set
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+_NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d, torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)
+
+
+def param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """One group per parameter, as Mask2Former: the backbone's learning rate scaled by
+    SOLVER.BACKBONE_MULTIPLIER, memory layers' by SOLVER.MEMORY_MULTIPLIER, and no weight
+    decay on norms (WEIGHT_DECAY_NORM) or embeddings (WEIGHT_DECAY_EMBED)."""
+    defaults = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
+    groups: List[Dict[str, Any]] = []
+    seen: Set[torch.nn.Parameter] = set()
+    for module_name, module in model.named_modules():
+        for param_name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in seen:
+                continue
+            seen.add(value)
+            hp = copy.copy(defaults)
+            if "backbone" in module_name:
+                hp["lr"] *= cfg.SOLVER.BACKBONE_MULTIPLIER
+            if "memory" in module_name or "memory" in param_name:
+                hp["lr"] *= cfg.SOLVER.MEMORY_MULTIPLIER
+            if isinstance(module, _NORM_TYPES):
+                hp["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM
+            if isinstance(module, torch.nn.Embedding):
+                hp["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            groups.append({"params": [value], **hp})
+    return groups
+
+
+def _with_full_model_clipping(optim_cls, clip_norm: float):
+    """Subclass ``optim_cls`` so that ``step`` clips the norm of all gradients together
+    (Mask2Former's CLIP_TYPE "full_model"; detectron2's own clipping is per group)."""
+
+    class FullModelGradientClippingOptimizer(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            return super().step(closure=closure)
+
+    return FullModelGradientClippingOptimizer
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {}
+    elif name == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
+    else:
+        from maps.errors import ConfigError
+
+        raise ConfigError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r} "
+                          "(expected ADAMW or SGD)")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE > 0
+    if full_model:
+        optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE)
+    optimizer = optim_cls(param_groups(cfg, model), cfg.SOLVER.BASE_LR, **kwargs)
+    if not full_model:
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer

@@ -1,0 +1,84 @@
+"""One training run, as a function: what `maps train` and every launched job call."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from detectron2.config import CfgNode
+
+from maps.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger("maps.train")
+
+FINAL_METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
+
+
+def config_from_yaml_text(text: str) -> CfgNode:
+    """A resolved config (as written to a run directory) back to a CfgNode."""
+    from maps.config import get_maps_cfg
+
+    cfg = get_maps_cfg()
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
+    return cfg
+
+
+def _setup_logging(output_dir: str) -> None:
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(os.path.join(output_dir, "log.txt"), name="detectron2")
+    setup_logger(os.path.join(output_dir, "log.txt"), name="maps")
+
+
+def train(cfg: CfgNode, resume: bool = False, writers: Sequence = ()) -> Dict[str, float]:
+    """Train ``cfg`` in ``cfg.OUTPUT_DIR``, evaluate, and return the final metrics
+    (PQ, PQ_th, PQ_st, AP, mIoU; percent) with the last iteration."""
+    import maps.data  # noqa: F401  (registers datasets)
+    import maps.modeling  # noqa: F401  (registers the meta-architecture)
+    from maps.engine.trainer import MAPSTrainer
+    from maps.evaluation import flatten_results
+
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(str(out))
+    atomic_write_text(out / "config.yaml", cfg.dump())
+
+    MAPSTrainer.extra_writers = list(writers)
+    try:
+        trainer = MAPSTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        if trainer.start_iter < trainer.max_iter:
+            trainer.train()
+        results = getattr(trainer, "_last_eval_results", None)
+        if not results:
+            results = MAPSTrainer.test(cfg, trainer.model)
+    finally:
+        MAPSTrainer.extra_writers = []
+    final = {k: float(v) for k, v in flatten_results(results).items()}
+    final["iteration"] = int(cfg.SOLVER.MAX_ITER)
+    # the tables' Params column (paper Tables 1 and 4), in millions
+    final["params"] = round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)
+    for w in writers:
+        if hasattr(w, "log_final"):
+            w.log_final(final)
+    atomic_write_json(out / "final.json", final)
+    return final
+
+
+def run_training(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dict[str, float]:
+    """The task every launched job runs (see :mod:`maps.launch`)."""
+    cfg = config_from_yaml_text(config_yaml)
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(run_dir)
+    cfg.SEED = int(seed)
+    cfg.freeze()
+    from maps.engine.wandb_writer import WandbWriter
+
+    # tags (experiment, seed, table, git commit) come from the run's status.json
+    writer = WandbWriter(run_dir, cfg)
+    try:
+        return train(cfg, resume=resume, writers=[writer])
+    finally:
+        writer.close()

@@ -1,0 +1,105 @@
+"""detectron2 Trainer for Mask2Former and MAPS (paper section 4.3: Mask2Former's recipe)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
+from detectron2.engine import DefaultTrainer
+from detectron2.utils.events import EventWriter
+
+from maps.engine.determinism import ReseedEachIteration, ResumableTrainingSampler
+from maps.engine.optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def memory_attacher_for(cfg: CfgNode, dataset_name: str) -> Optional[Callable[[dict], dict]]:
+    """The function that puts retrieved memory tokens under ``dataset_dict["memory"]`` for
+    images of ``dataset_name``, or None when the model has no memory."""
+    if not cfg.MODEL.MAPS.ENABLED:
+        return None
+    from maps.memory.wiring import build_memory_attacher
+
+    return build_memory_attacher(cfg, dataset_name)
+
+
+class _KeepOpen(EventWriter):
+    """Lets detectron2's PeriodicWriter write through ``writer`` but not close it: the run's
+    final metrics are logged to it after training (see maps.engine.train)."""
+
+    def __init__(self, writer: EventWriter):
+        self.writer = writer
+
+    def write(self) -> None:
+        self.writer.write()
+
+    def close(self) -> None:
+        pass
+
+
+class MAPSTrainer(DefaultTrainer):
+    """DefaultTrainer with Mask2Former's optimizer, the panoptic mapper, retrieved memory,
+    PQ/AP/mIoU evaluation, exact resumption and the W&B writer."""
+
+    extra_writers: List[Any] = []
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        from maps.data.mappers import build_train_mapper
+
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        mapper = build_train_mapper(cfg, memory_fn=memory_attacher_for(cfg, cfg.DATASETS.TRAIN[0]))
+        seed = cfg.SEED if cfg.SEED >= 0 else 0
+        cls._last_sampler = sampler = ResumableTrainingSampler(len(dataset), seed=seed)
+        return build_detection_train_loader(
+            cfg, dataset=dataset, mapper=mapper, sampler=sampler)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        from maps.data.mappers import PanopticDatasetMapper
+
+        mapper = PanopticDatasetMapper(cfg, is_train=False,
+                                       memory_fn=memory_attacher_for(cfg, dataset_name))
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder=None):
+        from maps.evaluation import build_evaluator
+
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def __init__(self, cfg: CfgNode):
+        super().__init__(cfg)
+        self._sampler = type(self)._last_sampler
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
+        # first, so that every random draw of the iteration follows the reseed
+        return [ReseedEachIteration(seed)] + ret
+
+    def build_writers(self):
+        # detectron2's defaults minus TensorBoard (not installed; W&B is the experiment log)
+        from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+        return [CommonMetricPrinter(self.max_iter),
+                JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+                *(_KeepOpen(w) for w in self.extra_writers)]
+
+    def resume_or_load(self, resume: bool = True):
+        super().resume_or_load(resume=resume)
+        # continue the sampler's stream where the interrupted attempt stopped
+        from detectron2.utils import comm
+
+        per_worker = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self._sampler.skip_to(self.start_iter * per_worker)

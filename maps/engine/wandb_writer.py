@@ -1,0 +1,266 @@
+"""A detectron2 ``EventWriter`` that logs to Weights & Biases, and never stops training.
+
+Three rules shape it (see shared notes on wandb 0.31):
+
+* The mode is decided *before* ``wandb.init``: online only when the user configured W&B (an
+  API key in ``WANDB_API_KEY`` or a ``wandb login`` netrc entry) and did not ask for
+  offline/disabled. Online without a key raises at once or prompts on a TTY; with a key but
+  no network ``init`` blocks for minutes: so no key means offline, and ``init_timeout`` is short.
+* A W&B failure (init or log) is logged once as a warning and the writer becomes a no-op.
+* Resume: the run id lives in ``<run_dir>/wandb.json`` and is reused (``resume="allow"``);
+  W&B steps must only increase, so steps up to the last one logged before the restart are
+  skipped (detectron2 replays the iterations after its last checkpoint).
+
+The API key is never read into a record: wandb.json holds the id, mode, project, entity, URL
+or offline directory, and the last logged step.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import secrets
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from urllib.parse import urlparse
+
+from detectron2.utils.events import EventWriter, get_event_storage
+
+from maps.runstore import RunStore
+
+logger = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+
+
+def has_wandb_credentials() -> bool:
+    """True if W&B would authenticate without asking: WANDB_API_KEY, or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: Optional[str] = None) -> str:
+    """The mode to run W&B in: ``mode`` argument, else WANDB_MODE, else online-if-configured.
+
+    An explicit online request without credentials is downgraded to offline with a warning:
+    an unattended job must never wait on a login prompt.
+    """
+    requested = (mode or os.environ.get("WANDB_MODE") or "").strip().lower()
+    if requested in ("disabled", "dryrun", "offline"):
+        return "disabled" if requested == "disabled" else "offline"
+    if requested not in ("", "online", "run"):
+        logger.warning("W&B mode %r is not one of %s: logging offline", requested, MODES)
+        return "offline"
+    if has_wandb_credentials():
+        return "online"
+    if requested:
+        logger.warning("W&B mode 'online' was asked for but no API key is configured "
+                       "(WANDB_API_KEY or `wandb login`): logging offline instead")
+    return "offline"
+
+
+def git_commit(cwd: Optional[str] = None) -> Optional[str]:
+    """Short commit of the code being run, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd or os.path.dirname(__file__),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_tags(experiment: Optional[str] = None, seed: Optional[int] = None, table: Optional[Any] = None,
+             extra: Iterable[str] = ()) -> list:
+    """Tags a run carries: paper table, experiment, seed, git commit (W&B caps a tag at 64)."""
+    tags = [f"table:{table}" if table is not None else None,
+            f"exp:{experiment}" if experiment else None,
+            f"seed:{seed}" if seed is not None else None]
+    commit = git_commit()
+    tags.append(f"git:{commit}" if commit else None)
+    return [t[:64] for t in [*tags, *extra] if t]
+
+
+def _config_dict(config: Any) -> Dict[str, Any]:
+    """A detectron2 CfgNode, a mapping or YAML text, as plain data for ``wandb.config``."""
+    import yaml
+
+    if config is None:
+        return {}
+    if isinstance(config, str):
+        data = yaml.safe_load(config)
+    elif hasattr(config, "dump"):
+        data = yaml.safe_load(config.dump())
+    else:
+        data = dict(config)
+    return data if isinstance(data, dict) else {"config": data}
+
+
+class WandbWriter(EventWriter):
+    """Log the EventStorage's scalars to W&B at the writer's period (detectron2 ``PeriodicWriter``).
+
+    Args:
+        run_dir: the run directory (W&B files go in ``<run_dir>/wandb``; id in wandb.json).
+        config: the resolved config (CfgNode, mapping or YAML text), logged as ``wandb.config``.
+        tags: run tags; None = :func:`run_tags` of the run's status.json (experiment, seed,
+            the paper table named in the experiment, git commit).
+        project, entity: W&B destination; ``WANDB_PROJECT`` / ``WANDB_ENTITY`` if not given.
+        mode: online / offline / disabled; None decides as :func:`resolve_mode` says.
+        window_size: median window of smoothed scalars, as detectron2's other writers.
+        init_timeout_s: the longest ``wandb.init`` may take before the writer gives up.
+    """
+
+    def __init__(self, run_dir: Union[str, os.PathLike], config: Any = None, tags: Optional[Iterable[str]] = None,
+                 project: Optional[str] = None, entity: Optional[str] = None, mode: Optional[str] = None,
+                 window_size: int = 20, name: Optional[str] = None, group: Optional[str] = None,
+                 init_timeout_s: float = 30.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.window_size = window_size
+        self._run = None
+        self._warned = False
+        self._last_write: Dict[str, int] = {}
+        record = RunStore.read_wandb(self.run_dir) or {}
+        # steps up to here were logged before a restart: W&B would drop them anyway
+        self._resume_floor = int(record.get("last_step", -1))
+        self._last_step = self._resume_floor
+        self.mode = resolve_mode(mode)
+        if self.mode == "disabled" or not _is_main_process():
+            self.mode = "disabled"
+            return
+        self._record = {
+            "id": record.get("id") or secrets.token_hex(4),
+            "mode": self.mode,
+            "project": project or os.environ.get("WANDB_PROJECT") or record.get("project") or "maps",
+            "entity": entity or os.environ.get("WANDB_ENTITY") or record.get("entity"),
+            "last_step": self._last_step,
+        }
+        identity = _run_identity(self.run_dir)
+        if tags is None:
+            tags = run_tags(identity.get("experiment"), identity.get("seed"), identity.get("table"))
+        if name is None and identity.get("experiment"):
+            name = f"{identity['experiment']}/seed{identity.get('seed')}"
+        try:
+            self._run = self._init(config, list(tags), name, group, init_timeout_s, resumed=bool(record.get("id")))
+        except Exception as e:  # never let W&B stop training
+            self._fail("init", e)
+            return
+        if self.mode == "online":
+            self._record["url"] = getattr(self._run, "url", None)
+        else:  # what `wandb sync` takes to upload it later
+            files = getattr(self._run, "dir", None)
+            self._record["offline_dir"] = str(Path(files).parent) if files else None
+        self._save_record()
+
+    # -- W&B calls (each guarded) -----------------------------------------------------------------
+    def _init(self, config: Any, tags: list, name: Optional[str], group: Optional[str],
+              init_timeout_s: float, resumed: bool) -> Any:
+        import wandb
+
+        (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        return wandb.init(
+            id=self._record["id"], resume="allow", mode=self.mode, dir=str(self.run_dir),
+            project=self._record["project"], entity=self._record["entity"], name=name or self.run_dir.parent.name,
+            group=group, tags=tags, config=_config_dict(config), reinit="create_new",
+            settings=wandb.Settings(init_timeout=init_timeout_s, console="off", silent=True),
+        )
+
+    def _fail(self, what: str, error: BaseException) -> None:
+        if not self._warned:
+            logger.warning("W&B %s failed (%s: %s); training goes on without W&B logging",
+                           what, type(error).__name__, error)
+            self._warned = True
+        run, self._run = self._run, None
+        if run is not None and what != "finish":
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
+
+    def _save_record(self) -> None:
+        self._record["last_step"] = self._last_step
+        RunStore.write_wandb(self.run_dir, {k: v for k, v in self._record.items() if v is not None})
+
+    @property
+    def active(self) -> bool:
+        """False once W&B is disabled or has failed: every call is then a no-op."""
+        return self._run is not None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._record.get("id") if hasattr(self, "_record") else None
+
+    # -- EventWriter ------------------------------------------------------------------------------
+    def write(self) -> None:
+        if self._run is None:
+            return
+        storage = get_event_storage()
+        by_step: Dict[int, Dict[str, float]] = defaultdict(dict)
+        for key, (value, it) in storage.latest_with_smoothing_hint(self.window_size).items():
+            it = int(it)
+            if it <= self._resume_floor or it <= self._last_write.get(key, -1):
+                continue
+            by_step[it][key] = float(value)
+            self._last_write[key] = it
+        self.log_metrics_by_step(by_step)
+
+    def log_metrics_by_step(self, by_step: Mapping[int, Mapping[str, float]]) -> None:
+        """Log ``{step: {name: value}}`` in increasing step order (W&B drops a lower step)."""
+        if self._run is None or not by_step:
+            return
+        try:
+            for step in sorted(by_step):
+                if step < self._last_step:
+                    continue
+                self._run.log(dict(by_step[step]), step=step)
+                self._last_step = step
+        except Exception as e:
+            self._fail("log", e)
+            return
+        self._save_record()
+
+    def log_final(self, metrics: Mapping[str, Any]) -> None:
+        """Put the final metrics (PQ, PQ_th, PQ_st, AP, mIoU) in the run summary."""
+        if self._run is None:
+            return
+        try:
+            self._run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        except Exception as e:
+            self._fail("summary", e)
+
+    def close(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            run.finish()
+        except Exception as e:
+            self._fail("finish", e)
+
+
+def _run_identity(run_dir: Path) -> Dict[str, Any]:
+    """Experiment, seed and paper table of a run, from its status.json (written by the launcher)."""
+    import re
+
+    try:
+        status = RunStore.read_status_file(run_dir) or {}
+    except Exception:
+        return {}
+    experiment = status.get("experiment")
+    m = re.search(r"(?:^|/)table(\d+)(?:/|$)", experiment or "")
+    return {"experiment": experiment, "seed": status.get("seed"), "table": int(m.group(1)) if m else None}
+
+
+def _is_main_process() -> bool:
+    try:
+        from detectron2.utils import comm
+
+        return comm.is_main_process()
+    except Exception:
+        return True

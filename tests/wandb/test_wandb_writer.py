@@ -1,0 +1,233 @@
+"""The W&B writer, with real wandb in offline mode; what it logged is read back from the
+offline run's record log (``run-<id>.wandb``), the file ``wandb sync`` would upload."""
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from detectron2.utils.events import EventStorage
+
+from maps.engine.wandb_writer import WandbWriter, has_wandb_credentials, resolve_mode
+
+_BLOCK = 32 * 1024
+_HEADER = 7  # file: ":W&B" + magic + version; record: crc32, length, type
+
+
+def read_wandb_records(run_dir, timeout=30.0):
+    """Every Record of every offline run under run_dir/wandb, in file order.
+
+    wandb-core writes the file in the background and may still be at it after ``finish()``
+    returns: wait (bounded) until each run's file ends with its ``exit`` record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [_read_record_file(p) for p in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))]
+        if all(recs and recs[-1].WhichOneof("record_type") == "exit" for recs in records):
+            return [r for recs in records for r in recs]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"W&B offline files under {run_dir} still incomplete after {timeout}s")
+        time.sleep(0.1)
+
+
+def _read_record_file(path):
+    """Records of one ``run-<id>.wandb`` file (leveldb-log framing: 32 KiB blocks of chunks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    data, pos, buf = path.read_bytes(), _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if pos + _HEADER + length > len(data):
+            break  # still being written
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + _HEADER:pos + _HEADER + length], pos + _HEADER + length
+        if kind in (1, 2):
+            buf = chunk
+        else:
+            buf += chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+    return out
+
+
+def logged_steps(run_dir):
+    """{step: {key: value}} of the history records (W&B's own ``_``-keys dropped)."""
+    steps = {}
+    for rec in read_wandb_records(run_dir):
+        if rec.WhichOneof("record_type") == "history":
+            items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            steps.setdefault(rec.history.step.num, {}).update({k: v for k, v in items.items() if not k.startswith("_")})
+    return steps
+
+
+def history_steps(run_dir):
+    """Every history record's step, in the order they were logged (duplicates kept)."""
+    return [r.history.step.num for r in read_wandb_records(run_dir) if r.WhichOneof("record_type") == "history"]
+
+
+def run_records(run_dir):
+    return [r.run for r in read_wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    d = tmp_path / "runs" / "exp" / "seed0"
+    d.mkdir(parents=True)
+    return d
+
+
+def train(writer, iters, period=3, start=0, eval_at=None):
+    """Put a loss per iteration, write every ``period`` iterations as PeriodicWriter does."""
+    with EventStorage(start) as storage:
+        for it in range(start, iters):
+            storage.iter = it
+            storage.put_scalar("loss", 1.0 / (it + 1), smoothing_hint=False)
+            if it == eval_at:
+                storage.put_scalars(PQ=41.5, smoothing_hint=False)
+            if (it + 1) % period == 0 or it == iters - 1:
+                writer.write()
+
+
+def test_steps_config_and_tags_are_logged(run_dir):
+    w = WandbWriter(run_dir, "SOLVER:\n  BASE_LR: 0.0001\n", tags=["table:6", "seed:0"], project="maps-test")
+    assert w.mode == "offline" and w.active
+    train(w, 7, eval_at=6)
+    w.close()
+    steps = logged_steps(run_dir)
+    assert sorted(steps) == [2, 5, 6] and history_steps(run_dir) == [2, 5, 6]
+    assert steps[5]["loss"] == pytest.approx(1 / 6) and steps[6]["PQ"] == 41.5
+    (run,) = run_records(run_dir)
+    assert list(run.tags) == ["table:6", "seed:0"] and run.project == "maps-test"
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["SOLVER"] == {"BASE_LR": 0.0001}
+    record = json.loads((run_dir / "wandb.json").read_text())
+    assert record["id"] == run.run_id and record["mode"] == "offline" and record["last_step"] == 6
+    assert Path(record["offline_dir"]).is_dir()
+
+
+def test_resume_keeps_the_id_and_never_relogs_a_step(run_dir):
+    first = WandbWriter(run_dir, {"A": 1})
+    train(first, 10)             # logs 2, 5, 8, 9
+    first.close()
+    run_id = first.run_id
+    # an offline run's directory is named to the second: a restart is never that fast
+    time.sleep(1.05 - time.time() % 1)
+    # detectron2 resumes from its checkpoint at iteration 5 and replays 6..9 before going on
+    second = WandbWriter(run_dir, {"A": 1})
+    assert second.run_id == run_id
+    train(second, 14, start=6)   # would log 8, 9 again (dropped), then 11, 13
+    second.close()
+    runs = run_records(run_dir)
+    assert [r.run_id for r in runs] == [run_id, run_id]
+    assert history_steps(run_dir) == [2, 5, 8, 9, 11, 13]
+    assert json.loads((run_dir / "wandb.json").read_text())["last_step"] == 13
+
+
+def test_api_key_is_never_written_to_run_records(run_dir, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)  # offline anyway: WANDB_MODE=offline
+    w = WandbWriter(run_dir, "MODEL: {A: 1}\n")
+    assert w.mode == "offline"
+    train(w, 3)
+    w.close()
+    assert read_wandb_records(run_dir)  # waits until W&B has written everything
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_online_without_a_key_degrades_to_offline_with_one_warning(run_dir, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    w = WandbWriter(run_dir, {})
+    assert w.mode == "offline" and w.active
+    train(w, 3)
+    w.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no API key is configured" in warnings[0].getMessage()
+    assert sorted(logged_steps(run_dir)) == [2]
+
+
+def test_failed_init_is_one_warning_and_a_no_op(run_dir, monkeypatch, caplog):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise wandb.errors.CommError("network is unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    w = WandbWriter(run_dir, {})
+    assert not w.active
+    train(w, 6)  # training goes on
+    w.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "W&B init failed (CommError: network is unreachable)" in warnings[0]
+    assert not (run_dir / "wandb.json").exists()
+
+
+def test_a_run_that_raises_on_log_degrades_once(run_dir, caplog):
+    w = WandbWriter(run_dir, {})
+    calls = []
+
+    def broken_log(data, step=None):
+        calls.append(step)
+        raise OSError("disk full")
+
+    w._run.log = broken_log
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    train(w, 9)
+    w.close()
+    assert calls == [2] and not w.active
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "W&B log failed (OSError: disk full)" in warnings[0]
+
+
+def test_mode_decision(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert not has_wandb_credentials() and resolve_mode() == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert has_wandb_credentials() and resolve_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode() == "offline"
+    assert resolve_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode() == "offline"
+
+
+def test_disabled_writer_touches_nothing(run_dir):
+    w = WandbWriter(run_dir, {}, mode="disabled")
+    assert not w.active
+    train(w, 3)
+    w.close()
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb.json").exists()
+
+
+def test_default_tags_and_name_come_from_the_run_record(tmp_path, monkeypatch):
+    from maps.runstore import RunStore
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    store = RunStore(tmp_path / "runs")
+    run_dir = store.run_dir("synthetic/table6/clip-cls", 2)
+    store.transition(run_dir, "running")
+    w = WandbWriter(run_dir, {})
+    w.close()
+    (run,) = run_records(run_dir)
+    tags = list(run.tags)
+    assert tags[:3] == ["table:6", "exp:synthetic/table6/clip-cls", "seed:2"]
+    assert all(t.startswith("git:") for t in tags[3:]) and len(tags) <= 4
+    assert run.display_name == "synthetic/table6/clip-cls/seed2"
