@@ -24,6 +24,9 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Mask2Former's "WarmupPolyLR" (Cityscapes recipe): lr * (1 - iter / max_iter) ** power
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
     # learning-rate multiplier of the MAPS memory layers (parameters named *memory*)
     cfg.SOLVER.MEMORY_MULTIPLIER = 1.0
 
@@ -67,6 +70,7 @@ def add_maskformer2_config(cfg: CN) -> None:
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     ssh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    ssh.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
 
 
 def add_maps_memory_config(cfg: CN) -> None:
@@ -112,6 +116,11 @@ def add_maps_memory_config(cfg: CN) -> None:
     m.MEMORY.KEY_ARCH = "ViT-B-16"
     m.MEMORY.DENSE = "tiledclip"   # clip | dino | maskclip | tiledclip: object values
     m.MEMORY.WEIGHTS = ""         # local checkpoint; empty = random init from SEED
+    # dense extractor's own backbone when it differs from the key encoder's (e.g. DINO dense
+    # features with CLIP keys); empty = that extractor's default architecture / random init
+    m.MEMORY.DENSE_ARCH = ""
+    m.MEMORY.DENSE_WEIGHTS = ""
+    m.MEMORY.INDEX = "hnsw"       # hnsw | flat: the bank's FAISS index (paper: HNSW)
     m.MEMORY.SEED = 0
     m.MEMORY.ONLINE = False       # encode queries in the loop instead of the cache
 

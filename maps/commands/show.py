@@ -24,9 +24,12 @@ def show_command(name: Optional[str], config_path: Optional[str], params: bool, 
                  seed: Optional[int], root: Optional[str], opts: Sequence[str]) -> None:
     """Print the resolved config of experiment NAME or of --config FILE.
 
-    KEY VALUE pairs after the options override the config, as on detectron2's command line,
-    e.g. ``maps show --config experiments/configs/coco/maps_R50_bs16_50ep.yaml --params
-    MODEL.MAPS.NUM_RETRIEVED 10``.
+    KEY VALUE pairs after the options override the config, as on detectron2's command
+    line. --params counts total, trainable, per-component and MAPS memory parameters:
+
+    \b
+      maps show --config experiments/configs/coco/maps_R50_bs16_50ep.yaml --params
+      maps show coco/maps --json MODEL.MAPS.NUM_RETRIEVED 10
     """
     cfg = _resolve(name, config_path, opts, seed, root)
     counts = _parameter_counts(cfg) if params else None

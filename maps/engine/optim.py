@@ -73,3 +73,27 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     if not full_model:
         optimizer = maybe_add_gradient_clipping(cfg, optimizer)
     return optimizer
+
+
+def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer):
+    """detectron2's schedulers plus Mask2Former's WarmupPolyLR (the Cityscapes recipe):
+    ``lr = base_lr * max((1 - iter / max_iter) ** POLY_LR_POWER, POLY_LR_CONSTANT_ENDING)``
+    after detectron2's warmup."""
+    from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+    from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+    from fvcore.common.param_scheduler import ParamScheduler
+
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return d2_build_lr_scheduler(cfg, optimizer)
+
+    power, ending = cfg.SOLVER.POLY_LR_POWER, cfg.SOLVER.POLY_LR_CONSTANT_ENDING
+
+    class _Poly(ParamScheduler):
+        def __call__(self, where: float) -> float:
+            return max((1.0 - where) ** power, ending)
+
+    sched = WarmupParamScheduler(
+        _Poly(), cfg.SOLVER.WARMUP_FACTOR,
+        min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0), cfg.SOLVER.WARMUP_METHOD,
+        cfg.SOLVER.RESCALE_INTERVAL)
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)

@@ -44,6 +44,14 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = ()) -> Dict[st
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
+    if cfg.MODEL.MAPS.ENABLED:
+        # the run names the memory it read: bank path and manifest hash, neighbour caches
+        from maps.memory.wiring import bank_record
+
+        atomic_write_json(out / "memory.json", {
+            **bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
+            "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
+            "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)})
 
     MAPSTrainer.extra_writers = list(writers)
     try:

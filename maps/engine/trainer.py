@@ -13,7 +13,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.utils.events import EventWriter
 
 from maps.engine.determinism import ReseedEachIteration, ResumableTrainingSampler
-from maps.engine.optim import build_optimizer
+from maps.engine.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ class MAPSTrainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -27,7 +26,6 @@ __all__ = ["BuildSpec", "encode_dataset", "build_shard", "build_bank", "shard_ra
 
 logger = logging.getLogger(__name__)
 
-
 @dataclass(frozen=True)
 class BuildSpec:
     """What a build (or one shard of it) computes; picklable for submitit."""
@@ -37,7 +35,6 @@ class BuildSpec:
     dense: EncoderSpec
     batch_size: int = 8
     dtype: str = "float32"
-
 
 def encode_dataset(dicts: Sequence[Dict], spec: BuildSpec, progress: bool = True,
                    desc: str = "memory") -> BankArrays:
@@ -81,16 +78,13 @@ def encode_dataset(dicts: Sequence[Dict], spec: BuildSpec, progress: bool = True
         object_areas=cat(areas, (0,)).astype(np.int64),
         object_segment_ids=cat(segids, (0,)).astype(np.int64))
 
-
 def _identities(spec: BuildSpec) -> Dict[str, dict]:
     return {"key": build_from_spec(spec.key, "key").identity,
             "dense": build_from_spec(spec.dense, "dense").identity}
 
-
 def _extra(spec: BuildSpec) -> dict:
     return {"encoder_specs": {"key": asdict(spec.key), "dense": asdict(spec.dense)},
             "batch_size": spec.batch_size}
-
 
 def shard_ranges(n: int, shards: int, batch_size: int) -> List[range]:
     """Contiguous ranges of ``n`` items, bounds on multiples of ``batch_size``."""
@@ -99,10 +93,8 @@ def shard_ranges(n: int, shards: int, batch_size: int) -> List[range]:
     bounds = [min(n, (i * nb // shards) * batch_size) for i in range(shards + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(shards)]
 
-
 def _shard_dir(out: Path, i: int, count: int) -> Path:
     return out / "shards" / f"shard-{i:05d}-of-{count:05d}"
-
 
 def _shard_complete(path: Path, spec: BuildSpec, image_ids: list) -> bool:
     try:
@@ -113,7 +105,6 @@ def _shard_complete(path: Path, spec: BuildSpec, image_ids: list) -> bool:
     return (m.get("encoder_specs") == _extra(spec)["encoder_specs"]
             and m.get("batch_size") == spec.batch_size and bank.image_ids == image_ids
             and m.get("dtype") == "float32")
-
 
 def build_shard(dicts: Sequence[Dict], spec: BuildSpec, shard_dir: str,
                 progress: bool = True) -> str:
@@ -127,7 +118,6 @@ def build_shard(dicts: Sequence[Dict], spec: BuildSpec, shard_dir: str,
     write_bank(shard_dir, arrays, dataset=spec.dataset, key_encoder=ids["key"],
                dense_encoder=ids["dense"], dtype="float32", extra=_extra(spec))
     return shard_dir
-
 
 def _run_shards(jobs: List[tuple], folder: Path, executor: str,
                 slurm_params: Optional[dict]) -> None:
@@ -154,7 +144,6 @@ def _run_shards(jobs: List[tuple], folder: Path, executor: str,
         except Exception as e:
             raise MemoryBankError(f"shard job {job.job_id} for {shard_dir} failed: {e}. Rerun "
                                   f"the build: completed shards are kept") from None
-
 
 def build_bank(dataset: str, out, *, encoder: str = "clip", arch: Optional[str] = None,
                dense: str = "tiledclip", dense_arch: Optional[str] = None,

@@ -16,9 +16,8 @@ The neighbour cache (``maps memory neighbors``) is JSON lines::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +34,6 @@ __all__ = ["Retriever", "NeighborCache", "MemoryAttacher", "memory_tokens",
 
 NEIGHBORS_FORMAT = "maps-neighbors"
 NEIGHBORS_VERSION = 1
-
 
 def memory_tokens(bank: MemoryBank, rows: Sequence[int]) -> Dict[str, torch.Tensor]:
     """The tokens of retrieved memory images ``rows`` in :mod:`maps.memory.tokens`'s format
@@ -54,12 +52,10 @@ def memory_tokens(bank: MemoryBank, rows: Sequence[int]) -> Dict[str, torch.Tens
     return {"scene": scene, "object": torch.from_numpy(obj),
             "object_slot": torch.from_numpy(slot)}
 
-
 def _drop_self(rows: np.ndarray, scores: np.ndarray, own: int, k: int
                ) -> Tuple[np.ndarray, np.ndarray]:
     keep = (rows != own) & (rows >= 0)
     return rows[keep][:k], scores[keep][:k]
-
 
 class Retriever:
     """k nearest memory images of query keys, with their scene and object tokens.
@@ -111,15 +107,12 @@ class Retriever:
         ids, _ = self.search(queries, k, query_ids)
         return [memory_tokens(self.bank, self.rows(i)) for i in ids]
 
-
 # --------------------------------------------------------------------------------------
 # Neighbour cache
 # --------------------------------------------------------------------------------------
 
-
 def _bank_fingerprint(bank: MemoryBank) -> str:
     return bank.manifest["files"]["scene_keys.npy"]["sha256"]
-
 
 def write_neighbor_cache(path, bank: MemoryBank, image_ids: Sequence, neighbors: Sequence[list],
                          scores: Sequence[Sequence[float]], dataset: str) -> Path:
@@ -134,7 +127,6 @@ def write_neighbor_cache(path, bank: MemoryBank, image_ids: Sequence, neighbors:
                                  "scores": [round(float(x), 6) for x in s]}))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return Path(path)
-
 
 class NeighborCache:
     """A neighbour cache file: ``cache[image_id] -> (neighbour ids, scores)``."""
@@ -200,7 +192,6 @@ class NeighborCache:
             raise MemoryBankError(f"neighbour cache {self.path} was computed against another "
                                   f"bank ({self.header.get('bank')}), not {bank.path}")
 
-
 def compute_neighbors(bank: MemoryBank, dataset_dicts: Sequence[Dict], k: int, *,
                       key_encoder=None, search: str = "exact", batch_size: int = 32,
                       reuse_bank_keys: bool = True, first_pass: str = "auto",
@@ -250,7 +241,6 @@ def compute_neighbors(bank: MemoryBank, dataset_dicts: Sequence[Dict], k: int, *
         raise MemoryBankError(f"unknown search {search!r}: exact or hnsw")
     neighbors = [[bank.image_ids[int(r)] for r in row if r >= 0] for row in nn]
     return ids, neighbors, [np.asarray(s) for s in scores]
-
 
 class MemoryAttacher:
     """Attaches retrieved memory to a training / evaluation dataset dict.

@@ -169,9 +169,16 @@ def test_fpn_pixel_decoder_is_selectable_by_name():
     assert r["sem_seg"].shape == (NUM_CLASSES, 64, 64)
 
 
-def test_unknown_pixel_decoder_is_a_config_error():
-    with pytest.raises(ConfigError, match="PIXEL_DECODER_NAME 'Nope'"):
-        _model("tiny.yaml", "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "Nope")
+@pytest.mark.parametrize("opts, message", [
+    (("MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "Nope"), "PIXEL_DECODER_NAME 'Nope'"),
+    (("MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']"), r"IN_FEATURES \['res2'\]"),
+    (("MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5"), "TRANSFORMER_IN_FEATURE 'res5'"),
+    (("MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False", "MODEL.MASK_FORMER.TEST.PANOPTIC_ON",
+      "False", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"), "all False"),
+])
+def test_inconsistent_model_configs_are_config_errors(opts, message):
+    with pytest.raises(ConfigError, match=message):
+        _model("tiny.yaml", *opts)
 
 
 def test_semantic_only_inference_postprocesses_after_inference():

@@ -222,7 +222,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "norm": head.NORM,
             "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
             "transformer_nheads": head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
-            "transformer_dim_feedforward": ENCODER_DIM_FEEDFORWARD,
+            "transformer_dim_feedforward": head.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD,
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),

@@ -1,0 +1,95 @@
+"""``maps sweep NAME``: run, inspect and report the Optuna studies declared in ``sweeps/``.
+
+Heavy imports (optuna, submitit, detectron2) stay inside the command body.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import click
+
+from maps.errors import MapsError
+
+
+@click.command("sweep")
+@click.argument("name")
+@click.option("--trials", type=click.IntRange(min=1), default=8, show_default=True,
+              help="New trials to run in this invocation (shared by the workers).")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Workers sharing the study (Slurm jobs or local processes).")
+@click.option("--executor", type=click.Choice(["slurm", "local", "debug"]), default="local",
+              show_default=True)
+@click.option("--profile", type=click.Path(dir_okay=False), default=None,
+              help="Cluster profile YAML for the workers (slurm/profiles/*.yaml).")
+@click.option("--storage", default=None,
+              help="Optuna storage: an RDB URL (postgresql://, mysql://) or journal:PATH; "
+                   "default: a journal file <runs-root>/sweeps/NAME/journal.log.")
+@click.option("--runs-root", type=click.Path(file_okay=False), envvar="MAPS_RUNS", default="runs",
+              show_default=True, help="Run store root (env MAPS_RUNS).")
+@click.option("--best", is_flag=True, help="Print the best trial's parameters and metrics.")
+@click.option("--register", "register", default=None, metavar="EXPERIMENT",
+              help="With --best: add the best trial to the registry as this experiment.")
+@click.option("--report", is_flag=True, help="Write history/importance plots and a Markdown "
+                                             "summary to --out.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder of --report (default results/sweeps/NAME).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sweep_command(name: str, trials: int, parallel: int, executor: str, profile: Optional[str],
+                  storage: Optional[str], runs_root: str, best: bool, register: Optional[str],
+                  report: bool, out: Optional[str], as_json: bool) -> None:
+    """Tune the study NAME (sweeps/NAME.yaml): run workers, or show --best, or --report.
+
+    Running it again continues the same study; trials of workers that died are marked failed.
+    """
+    from maps.sweep import default_storage_url, load_sweep, run_sweep
+
+    spec = load_sweep(name)
+    storage = storage or default_storage_url(runs_root, spec.name)
+    if register and not best:
+        raise MapsError("--register needs --best (it registers the best trial)")
+    if best or report:
+        from maps.sweep_report import best_trials, register_best, write_report
+
+        if best:
+            trials_ = best_trials(spec, storage)
+            if as_json:
+                click.echo(json.dumps([t.to_dict() for t in trials_]))
+            else:
+                for t in trials_:
+                    click.echo(f"study {spec.name}: best trial {t.number} "
+                               + " ".join(f"{k}={v:.4g}" for k, v in t.values.items()))
+                    for k, v in t.params.items():
+                        click.echo(f"  {k}: {v}")
+                    if t.metrics:
+                        click.echo("  metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in t.metrics.items()))
+            if register:
+                if len(trials_) > 1:
+                    raise MapsError(f"study {spec.name} has {len(trials_)} Pareto-optimal trials; "
+                                    "--register needs a single best (single-objective study)")
+                path = register_best(spec, trials_[0], register)
+                click.echo(f"registered {register} in {path}", err=as_json)
+        if report:
+            files = write_report(spec, storage, out or f"results/sweeps/{spec.name}")
+            for f in files.values():
+                click.echo(f"wrote {f}", err=as_json)
+        return
+    result = run_sweep(spec, trials=trials, parallel=parallel, executor=executor, storage=storage,
+                       runs_root=runs_root, profile=profile)
+    if as_json:
+        click.echo(json.dumps({"study": result.study, "storage": result.storage,
+                               "target": result.target, "trials_by_worker": result.trials_by_worker,
+                               "worker_errors": result.worker_errors,
+                               "stale_failed": result.stale_failed, "counts": result.counts}))
+        return
+    if result.stale_failed:
+        click.echo(f"trials of dead workers marked failed: {result.stale_failed}")
+    for i, numbers in enumerate(result.trials_by_worker):
+        click.echo(f"worker {i}: trials {numbers}" if numbers is not None else f"worker {i}: died")
+    for e in result.worker_errors:
+        click.echo(f"  {e}", err=True)
+    click.echo(f"study {result.study}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.counts.items()))
+               + f" (storage {result.storage})")
+
+
+COMMANDS = [sweep_command]
