@@ -96,6 +96,9 @@ class RunSpec:
     config: Any  # detectron2 CfgNode or YAML text
     task: str = DEFAULT_TASK
     prerequisites: Sequence[PrereqSpec] = ()
+    #: runs (experiment, seed) that must end ``done`` before this one starts: an evaluation
+    #: run's training run. On Slurm an ``afterok`` dependency; locally, a run launched later.
+    after: Sequence[Tuple[str, int]] = ()
 
     def config_yaml(self) -> str:
         if isinstance(self.config, str):
@@ -690,6 +693,10 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
         if key in seen:
             raise LaunchError(f"run {spec.experiment} seed {spec.seed} is listed twice")
         seen.add(key)
+    if not dry_run and executor != "slurm":
+        split = _launch_in_order(runs, executor, prof, retry_failed, store, wait)
+        if split is not None:
+            return split
     folder = store.root / ".submitit" / "%j"
     dirs = {(s.experiment, s.seed): store.run_dir(s.experiment, s.seed) for s in runs}
 
@@ -726,20 +733,93 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
                 status.get("state") if status else None, reason=why)
             if go:
                 todo.append(spec)
+        run_deps: Dict[Tuple[str, int], List[str]] = {}
+        for spec in list(todo):
+            key = (spec.experiment, spec.seed)
+            deps, blocked = _run_dependencies(spec, store, outcomes, statuses, executor, slurm_states)
+            if blocked:
+                todo.remove(spec)
+                outcomes[key].action, outcomes[key].reason = "skipped", blocked
+            else:
+                run_deps[key] = deps
         if todo:
             pre = [p for s in todo for p in s.prerequisites]
             job_of, pre_report = _build_prerequisites(pre, executor, prof, folder, dry_run=False)
-            groups: Dict[Tuple[str, ...], List[RunSpec]] = {}
-            for spec in todo:
-                deps = sorted({job_of[str(Path(p.output_dir).resolve())] for p in spec.prerequisites} - {None})
-                groups.setdefault(tuple(deps), []).append(spec)
-            for deps, group in groups.items():
-                jobs += _submit_group(store, group, dirs, statuses, executor, prof, folder, deps, outcomes)
+            # runs that wait for a run of this launch go second, once its job id is known
+            for stage in (False, True):
+                groups: Dict[Tuple[str, ...], List[RunSpec]] = {}
+                for spec in todo:
+                    key = (spec.experiment, spec.seed)
+                    waits = [tuple(a) for a in spec.after if outcomes.get(tuple(a)) is not None
+                             and outcomes[tuple(a)].action == "submitted"]
+                    if bool(waits) != stage:
+                        continue
+                    deps = {job_of[str(Path(p.output_dir).resolve())] for p in spec.prerequisites}
+                    deps |= set(run_deps[key]) | {outcomes[a].job_id for a in waits}
+                    groups.setdefault(tuple(sorted(deps - {None})), []).append(spec)
+                for deps, group in groups.items():
+                    jobs += _submit_group(store, group, dirs, statuses, executor, prof, folder, deps, outcomes)
     report = LaunchReport(executor, prof.resources(), [outcomes[(s.experiment, s.seed)] for s in runs],
                           pre_report, jobs)
     if wait if wait is not None else executor != "slurm":
         wait_for_jobs(jobs)
     return report
+
+
+def _launch_in_order(runs: Sequence[RunSpec], executor: str, profile: ClusterProfile,
+                     retry_failed: bool, store: RunStore, wait: Optional[bool]) -> Optional[LaunchReport]:
+    """Local / debug: launch the runs others wait for first, to the end, then the others.
+
+    None when no run of ``runs`` waits for another one of them (one launch does).
+    """
+    keys = {(s.experiment, s.seed) for s in runs}
+    later = [s for s in runs if any(tuple(a) in keys for a in s.after)]
+    if not later:
+        return None
+    first = [s for s in runs if s not in later]
+    if not first:
+        raise LaunchError("runs wait for each other in a cycle: "
+                          + ", ".join(f"{s.experiment} seed {s.seed}" for s in later))
+    r1 = launch(first, executor, profile, retry_failed, store=store, wait=True)
+    r2 = launch(later, executor, profile, retry_failed, store=store, wait=wait)
+    by_key = {(o.experiment, o.seed): o for o in r1.outcomes + r2.outcomes}
+    prerequisites = {}  # one entry per prerequisite: what the first launch did with it
+    for entry in r1.prerequisites + r2.prerequisites:
+        prerequisites.setdefault(str(Path(entry["output_dir"]).resolve()), entry)
+    return LaunchReport(executor, profile.resources(), [by_key[(s.experiment, s.seed)] for s in runs],
+                        list(prerequisites.values()), r1.jobs + r2.jobs)
+
+
+def _run_dependencies(spec: RunSpec, store: RunStore, outcomes: Mapping[Tuple[str, int], LaunchOutcome],
+                      statuses: Mapping[Tuple[str, int], Optional[Dict[str, Any]]], executor: str,
+                      slurm_states: Optional[Mapping[str, str]]) -> Tuple[List[str], str]:
+    """Slurm job ids ``spec`` must wait for (its ``after`` runs still queued or running), and
+    why it cannot be launched now ("" when it can).
+
+    A run submitted by this launch is waited for by the caller (its job id comes later); a
+    ``done`` one needs no waiting; a failed, cancelled or never launched one blocks ``spec``.
+    """
+    deps: List[str] = []
+    for dep in spec.after:
+        dep = tuple(dep)
+        outcome = outcomes.get(dep)
+        if outcome is not None and outcome.action == "submitted":
+            continue
+        if dep in statuses:
+            status = statuses[dep]
+        else:
+            run_dir = store.run_dir(*dep)
+            status = reconcile(store, run_dir, store.read_status(run_dir) if run_dir.exists() else None,
+                               slurm_states)
+        state = status.get("state") if status else None
+        if state == "done":
+            continue
+        if state in ACTIVE_STATES and executor == "slurm" and status.get("executor") == "slurm":
+            deps.append(str(status.get("job_id")))
+            continue
+        return [], (f"waits for run {dep[0]} seed {dep[1]}, which is "
+                    f"{state or 'not launched'}: launch it first")
+    return deps, ""
 
 
 def _submit_group(store: RunStore, group: Sequence[RunSpec], dirs: Mapping[Tuple[str, int], Path],

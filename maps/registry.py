@@ -431,7 +431,14 @@ def _set_iterations(cfg: "CfgNode", iterations: Optional[int], steps_overridden:
     base = int(cfg.SOLVER.MAX_ITER)
     cfg.SOLVER.MAX_ITER = int(iterations)
     if base > 0 and iterations != base and not steps_overridden:
-        cfg.SOLVER.STEPS = tuple(int(round(s * iterations / base)) for s in cfg.SOLVER.STEPS)
+        scaled = [int(round(s * iterations / base)) for s in cfg.SOLVER.STEPS]
+        # detectron2 refuses decay steps at or past MAX_ITER, and repeated ones: a schedule
+        # too short for its drops keeps those that still fall inside it
+        kept: List[int] = []
+        for s in scaled:
+            if 0 < s < iterations and (not kept or s > kept[-1]):
+                kept.append(s)
+        cfg.SOLVER.STEPS = tuple(kept)
 
 
 def check_maps_values(cfg: "CfgNode") -> List[Tuple[str, str]]:

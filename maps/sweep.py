@@ -30,7 +30,6 @@ FAIL (and its run ``failed``) before any new trial starts, and the study goes on
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import logging
 import math
@@ -40,7 +39,7 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -357,6 +356,9 @@ def base_config(spec: SweepSpec, registry: Any = None, seed: Optional[int] = Non
     if spec.iterations is not None:
         _set_iterations(cfg, spec.iterations, "SOLVER.STEPS" in exp.overrides or
                         "SOLVER.STEPS" in spec.overrides)
+        # a very short schedule rounds its drops onto the last iteration, which detectron2's
+        # scheduler refuses: a drop at or after the end never happens, so leave it out
+        cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
     try:
         apply_overrides(cfg, dict(spec.overrides), f"{spec.where}: key 'overrides'")
     except ConfigError as e:
@@ -473,10 +475,14 @@ def make_storage(url: str) -> "optuna.storages.BaseStorage":
         raise SweepError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
 
 
-def _sampler(spec: SweepSpec) -> "optuna.samplers.BaseSampler":
+def _sampler(spec: SweepSpec, stream: int = 0) -> "optuna.samplers.BaseSampler":
+    """The sampler of ``spec``. A declared seed is mixed with ``stream`` (one per worker and
+    invocation): workers seeded alike would propose the same random start-up points."""
     import optuna
 
     kw = {k: v for k, v in spec.sampler.items() if k != "name"}
+    if kw.get("seed") is not None and stream:
+        kw["seed"] = (int(kw["seed"]) + 7919 * stream) % (2 ** 31)
     name = spec.sampler["name"]
     try:
         if name == "tpe":
@@ -511,7 +517,8 @@ def _pruner(spec: SweepSpec) -> "optuna.pruners.BasePruner":
         raise SweepError(f"{spec.where}: key 'pruner': {e}") from None
 
 
-def open_study(spec: SweepSpec, storage: Any, create: bool = False) -> "optuna.Study":
+def open_study(spec: SweepSpec, storage: Any, create: bool = False,
+               stream: int = 0) -> "optuna.Study":
     """The shared study of ``spec`` (created once by the driver, then only loaded).
 
     A study that exists with other objectives is refused: its trials would not compare.
@@ -538,7 +545,7 @@ def open_study(spec: SweepSpec, storage: Any, create: bool = False) -> "optuna.S
             study.set_user_attr("experiment", spec.experiment)
         return study
     try:
-        return optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec),
+        return optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, stream),
                                  pruner=_pruner(spec))
     except KeyError:
         raise SweepError(f"study '{spec.name}' not found in the storage") from None
@@ -697,6 +704,7 @@ class SweepWorker:
         self.experiments_root = experiments_root
 
     def __call__(self) -> List[int]:
+        import optuna
         from optuna.trial import TrialState
 
         from maps.launch import resolve_task
@@ -705,7 +713,8 @@ class SweepWorker:
         spec = parse_sweep(self.spec)
         registry = load_registry(self.experiments_root, validate=False)
         base = base_config(spec, registry)
-        study = open_study(spec, self.storage_url)
+        # its own random stream: per worker, and per invocation (the target differs)
+        study = open_study(spec, self.storage_url, stream=1 + self.worker + 1009 * self.target)
         sdir = study_dir(self.runs_root, spec.name)
         task = resolve_task(spec.task)
         done: List[int] = []
@@ -719,10 +728,15 @@ class SweepWorker:
                 _heartbeat_path(sdir, trial.number).touch()
             with _Heartbeat(_heartbeat_path(sdir, trial.number), spec.heartbeat_interval):
                 state, values = self._run_trial(spec, base, study, trial, task)
-            if state == TrialState.COMPLETE:
-                study.tell(trial, values)
-            else:
-                study.tell(trial, state=state)
+            try:
+                if state == TrialState.COMPLETE:
+                    study.tell(trial, values)
+                else:
+                    study.tell(trial, state=state)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+                # judged dead by another worker (a heartbeat starved for the grace period):
+                # its verdict stands, the run's record says what happened
+                logger.warning("trial %d was settled by another worker: %s", trial.number, e)
             done.append(trial.number)
         return done
 
@@ -816,6 +830,20 @@ class SweepResult:
     worker_errors: List[str]
     stale_failed: List[int]
     counts: Dict[str, int]
+    job_ids: List[str] = field(default_factory=list)
+
+
+def _collect(jobs: Sequence[Any]) -> Tuple[List[Optional[List[int]]], List[str]]:
+    """Each worker's trial numbers (None for a worker that died) and the workers' errors."""
+    by_worker: List[Optional[List[int]]] = []
+    errors: List[str] = []
+    for i, job in enumerate(jobs):
+        try:
+            by_worker.append(list(job.result()))
+        except Exception as e:  # a dead worker: its trial is failed by the heartbeat check
+            by_worker.append(None)
+            errors.append(f"worker {i} (job {getattr(job, 'job_id', '?')}): {_job_error(e)}")
+    return by_worker, errors
 
 
 def run_sweep(spec: SweepSpec, trials: int, parallel: int = 1, executor: str = "local",
@@ -828,7 +856,8 @@ def run_sweep(spec: SweepSpec, trials: int, parallel: int = 1, executor: str = "
     workers creating one study at once is a race in every Optuna storage). Trials of workers
     that died since the last invocation are marked failed first; then the study continues:
     the count of new trials is shared by the workers through the storage. A worker that dies
-    is reported in ``worker_errors`` and does not stop the others.
+    is reported in ``worker_errors`` and does not stop the others. ``wait=False`` returns once
+    the workers are submitted (a long Slurm study need not hold a login-node shell).
     """
     from optuna.trial import TrialState
 
@@ -850,7 +879,12 @@ def run_sweep(spec: SweepSpec, trials: int, parallel: int = 1, executor: str = "
     sdir = study_dir(runs_root, spec.name)
     with _file_lock(sdir / "ask.lock"):
         stale = fail_stale_trials(study, sdir, spec.grace_period, runs_root)
-        target = _started(study) + trials
+        started = _started(study)
+        target = started + trials
+    leftovers = sorted(p.name for p in sdir.glob("trial*"))
+    if started == 0 and leftovers:
+        raise SweepError(f"{sdir}: runs {', '.join(leftovers[:3])} belong to an earlier study named "
+                         f"'{spec.name}' that is not in {storage}; move them away or rename the sweep")
     if profile is None or isinstance(profile, (str, os.PathLike)):
         profile = load_profile(profile)
     ex = make_executor(executor, sdir / "workers", profile, name=f"sweep-{spec.name}")
@@ -864,16 +898,18 @@ def run_sweep(spec: SweepSpec, trials: int, parallel: int = 1, executor: str = "
         jobs = [ex.submit(w) for w in workers]
     logger.info("study %s: %d workers submitted (%s), target %d trials", spec.name, len(jobs),
                 executor, target)
+    job_ids = [str(getattr(j, "job_id", "")) for j in jobs]
     by_worker: List[Optional[List[int]]] = []
     errors: List[str] = []
     if wait:
-        for i, job in enumerate(jobs):
-            try:
-                by_worker.append(list(job.result()))
-            except Exception as e:  # a dead worker: its trial is failed by the heartbeat check
-                by_worker.append(None)
-                errors.append(f"worker {i} (job {getattr(job, 'job_id', '?')}): {_job_error(e)}")
+        by_worker, errors = _collect(jobs)
+        # submitit's local jobs sit in reference cycles: collected at interpreter exit, their
+        # __del__ fails noisily, so drop and collect them now
+        del jobs
+        import gc
+
+        gc.collect()
     counts: Dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return SweepResult(spec.name, storage, target, by_worker, errors, stale, counts)
+    return SweepResult(spec.name, storage, target, by_worker, errors, stale, counts, job_ids)

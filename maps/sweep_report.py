@@ -105,6 +105,10 @@ def register_best(spec: SweepSpec, best: BestTrial, name: str,
     overrides.update({k: _plain(v) for k, v in spec.overrides.items()})
     overrides.update({k: _plain(v) for k, v in best.params.items()})
     iterations = spec.iterations if spec.iterations is not None else target.iterations
+    if spec.iterations is not None:  # the trials' learning-rate drops, not a rescaling of them
+        from maps.sweep import base_config
+
+        overrides["SOLVER.STEPS"] = [int(s) for s in base_config(spec, registry).SOLVER.STEPS]
     entry: Dict[str, Any] = {
         "name": name,
         "row": f"{spec.name} best (trial {best.number})",

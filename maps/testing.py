@@ -99,3 +99,14 @@ def toy_needs_prerequisite(run_dir: str, config_yaml: str, seed: int, resume: bo
     knobs = toy_knobs(config_yaml)
     payload = (Path(knobs["PREREQ"]) / "payload.txt").read_text()
     return {**final_metrics(seed, 0), "payload": payload}
+
+
+def toy_after(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dict[str, Any]:
+    """A run that needs another run's result: reads ``TOY.AFTER``'s final.json (an evaluation
+    run reading its training run's output); fails if that run has not finished."""
+    knobs = toy_knobs(config_yaml)
+    source = Path(knobs["AFTER"]) / "final.json"
+    if not source.is_file():
+        raise RuntimeError(f"toy_after: {source} does not exist yet")
+    before = json.loads(source.read_text())
+    return {**final_metrics(seed, 0), "after_PQ": before["PQ"]}

@@ -23,16 +23,48 @@ def _load_registry() -> Any:
     return load_registry()
 
 
-def _run_specs(selector: str, seeds: Optional[int]) -> List[Any]:
+def _run_specs(selector: str, seeds: Optional[int], runs_root: str = "runs") -> List[Any]:
+    """The RunSpecs of the selected experiments, with what each needs before it starts.
+
+    A run whose experiment has a memory gets the memory's build as a prerequisite (one per
+    distinct memory, shared by every run that reads it) and the memory's paths in its
+    config. An evaluation-only run (``eval_of``) gets the evaluation task, the final
+    checkpoint of its training run as MODEL.WEIGHTS, and that run as a dependency; the
+    training run is launched too when the selection does not name it.
+    """
+    from maps.engine.evaluate import EVAL_TASK
     from maps.launch import RunSpec
+    from maps.memory.prepare import apply_memory, memory_prereq
+    from maps.runstore import RunStore
 
     registry = _load_registry()
     select = getattr(registry, "runs", None) or registry.select  # distinct runnable setups
+    store = RunStore(runs_root)
+    selected = list(select(selector))
+    names = {e.canonical_name for e in selected}
+    for exp in list(selected):  # the training runs that evaluation-only runs evaluate
+        if exp.eval_of and exp.eval_of not in names:
+            selected.insert(selected.index(exp), registry.get(exp.eval_of))
+            names.add(exp.eval_of)
+    memory = {}  # one memory spec -> one prerequisite
     specs = []
-    for exp in select(selector):
+    for exp in selected:
+        mem = exp.memory_spec()
+        prereq = None
+        if mem is not None:
+            prereq = memory.setdefault(repr(sorted(mem.items())), memory_prereq(mem, store.root))
         for seed in (range(seeds) if seeds is not None else exp.seeds):
             experiment, _, _ = exp.run_name(seed).rpartition("/")
-            specs.append(RunSpec(experiment=experiment, seed=seed, config=exp.build_config(seed), task=TRAIN_TASK))
+            cfg = exp.build_config(seed)
+            if prereq is not None:
+                apply_memory(cfg, prereq.output_dir)
+            task, after = TRAIN_TASK, ()
+            if exp.eval_of:
+                trained, _, _ = exp.train_run_name(seed).rpartition("/")
+                cfg.MODEL.WEIGHTS = str((store.run_dir(trained, seed) / "model_final.pth").resolve())
+                task, after = EVAL_TASK, ((trained, seed),)
+            specs.append(RunSpec(experiment=experiment, seed=seed, config=cfg, task=task,
+                                 prerequisites=(prereq,) if prereq is not None else (), after=after))
     return specs
 
 
@@ -75,7 +107,7 @@ def launch_command(selector: str, seeds: Optional[int], executor: str, profile: 
     from maps.launch import launch
     from maps.runstore import RunStore
 
-    specs = _run_specs(selector, seeds)
+    specs = _run_specs(selector, seeds, runs_root)
     report = launch(specs, executor=executor, profile=profile, retry_failed=retry_failed,
                     dry_run=dry_run, store=RunStore(runs_root))
     _print_report(report, dry_run)

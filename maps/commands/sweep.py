@@ -24,7 +24,7 @@ from maps.errors import MapsError
               help="Cluster profile YAML for the workers (slurm/profiles/*.yaml).")
 @click.option("--storage", default=None,
               help="Optuna storage: an RDB URL (postgresql://, mysql://) or journal:PATH; "
-                   "default: a journal file <runs-root>/sweeps/NAME/journal.log.")
+                   "default: a journal file <runs-root>/sweep/NAME/journal.log.")
 @click.option("--runs-root", type=click.Path(file_okay=False), envvar="MAPS_RUNS", default="runs",
               show_default=True, help="Run store root (env MAPS_RUNS).")
 @click.option("--best", is_flag=True, help="Print the best trial's parameters and metrics.")
@@ -34,10 +34,12 @@ from maps.errors import MapsError
                                              "summary to --out.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of --report (default results/sweeps/NAME).")
+@click.option("--detach", is_flag=True, help="Return once the workers are submitted (Slurm); "
+                                             "`maps status sweep/NAME` follows them.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def sweep_command(name: str, trials: int, parallel: int, executor: str, profile: Optional[str],
                   storage: Optional[str], runs_root: str, best: bool, register: Optional[str],
-                  report: bool, out: Optional[str], as_json: bool) -> None:
+                  report: bool, out: Optional[str], detach: bool, as_json: bool) -> None:
     """Tune the study NAME (sweeps/NAME.yaml): run workers, or show --best, or --report.
 
     Running it again continues the same study; trials of workers that died are marked failed.
@@ -75,12 +77,17 @@ def sweep_command(name: str, trials: int, parallel: int, executor: str, profile:
                 click.echo(f"wrote {f}", err=as_json)
         return
     result = run_sweep(spec, trials=trials, parallel=parallel, executor=executor, storage=storage,
-                       runs_root=runs_root, profile=profile)
+                       runs_root=runs_root, profile=profile, wait=not detach)
     if as_json:
         click.echo(json.dumps({"study": result.study, "storage": result.storage,
                                "target": result.target, "trials_by_worker": result.trials_by_worker,
                                "worker_errors": result.worker_errors,
-                               "stale_failed": result.stale_failed, "counts": result.counts}))
+                               "stale_failed": result.stale_failed, "counts": result.counts,
+                               "job_ids": result.job_ids}))
+        return
+    if detach:
+        click.echo(f"study {result.study}: {len(result.job_ids)} workers submitted (jobs "
+                   f"{', '.join(result.job_ids)}), target {result.target} trials")
         return
     if result.stale_failed:
         click.echo(f"trials of dead workers marked failed: {result.stale_failed}")

@@ -32,9 +32,13 @@ def _setup_logging(output_dir: str) -> None:
     setup_logger(os.path.join(output_dir, "log.txt"), name="maps")
 
 
-def train(cfg: CfgNode, resume: bool = False, writers: Sequence = ()) -> Dict[str, float]:
+def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
+          hooks: Sequence = ()) -> Dict[str, float]:
     """Train ``cfg`` in ``cfg.OUTPUT_DIR``, evaluate, and return the final metrics
-    (PQ, PQ_th, PQ_st, AP, mIoU; percent) with the last iteration."""
+    (PQ, PQ_th, PQ_st, AP, mIoU; percent) with the last iteration and the parameter count.
+
+    ``writers`` get every scalar (and the final metrics, if they have ``log_final``);
+    ``hooks`` run after detectron2's default hooks (so after its evaluation)."""
     import maps.data  # noqa: F401  (registers datasets)
     import maps.modeling  # noqa: F401  (registers the meta-architecture)
     from maps.engine.trainer import MAPSTrainer
@@ -54,6 +58,7 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = ()) -> Dict[st
             "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)})
 
     MAPSTrainer.extra_writers = list(writers)
+    MAPSTrainer.extra_hooks = list(hooks)
     try:
         trainer = MAPSTrainer(cfg)
         trainer.resume_or_load(resume=resume)
@@ -64,6 +69,7 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = ()) -> Dict[st
             results = MAPSTrainer.test(cfg, trainer.model)
     finally:
         MAPSTrainer.extra_writers = []
+        MAPSTrainer.extra_hooks = []
     final = {k: float(v) for k, v in flatten_results(results).items()}
     final["iteration"] = int(cfg.SOLVER.MAX_ITER)
     # the tables' Params column (paper Tables 1 and 4), in millions

@@ -47,6 +47,9 @@ class MAPSTrainer(DefaultTrainer):
     PQ/AP/mIoU evaluation, exact resumption and the W&B writer."""
 
     extra_writers: List[Any] = []
+    # hooks appended after detectron2's defaults (e.g. a sweep's pruning hook, which must run
+    # after the EvalHook it reads)
+    extra_hooks: List[Any] = []
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module):
@@ -90,7 +93,7 @@ class MAPSTrainer(DefaultTrainer):
         ret = super().build_hooks()
         seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
         # first, so that every random draw of the iteration follows the reseed
-        return [ReseedEachIteration(seed)] + ret
+        return [ReseedEachIteration(seed)] + ret + list(self.extra_hooks)
 
     def build_writers(self):
         # detectron2's defaults minus TensorBoard (not installed; W&B is the experiment log)

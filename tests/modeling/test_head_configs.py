@@ -69,7 +69,9 @@ def test_cityscapes_iterations():
     ("ade20k/maps_R50_bs16_160k.yaml", "ade20k/maskformer2_R50_bs16_160k.yaml", ()),
     ("cityscapes/maps_R50_bs16_45k.yaml", "cityscapes/maskformer2_R50_bs16_90k.yaml",
      ("SOLVER.MAX_ITER", "45000")),
-    ("synthetic/maps_tiny.yaml", "synthetic/tiny.yaml", ()),
+    ("synthetic/maps_tiny.yaml", "synthetic/tiny.yaml",
+     ("MODEL.MAPS.SCENE_MEMORY_DIM", "64", "MODEL.MAPS.OBJECT_MEMORY_DIM", "64",
+      "MODEL.MAPS.MEMORY.KEY_ARCH", "ViT-Tiny-16")),
 ])
 def test_maps_configs_differ_from_mask2former_only_by_memory(maps_rel, base_rel, also):
     maps_cfg = _cfg(maps_rel)

@@ -22,13 +22,13 @@ def test_r50_maps_model_trains_and_infers_on_cpu():
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
-    losses = model(_inputs([(128, 160)], memory_objects=[6]))
+    losses = model(_inputs([(128, 160)], memory_objects=[6], memory_dim=512))
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"} | AUX_LOSSES
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
-        (r,) = model(_inputs([(128, 160)], memory_objects=[6], with_instances=False))
+        (r,) = model(_inputs([(128, 160)], memory_objects=[6], with_instances=False, memory_dim=512))
     assert r["sem_seg"].shape == (133, 128, 160)
     assert r["panoptic_seg"][0].shape == (128, 160)
 

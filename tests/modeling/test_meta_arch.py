@@ -22,13 +22,17 @@ def _model(config: str, *opts, seed: int = 0) -> MAPS:
     return build_model(cfg)
 
 
-def _memory(num_objects: int, g: torch.Generator) -> dict:
-    return {"scene": torch.randn(5, 512, generator=g),
-            "object": torch.randn(num_objects, 512, generator=g),
+MEMORY_DIM = 64  # synthetic/maps_tiny.yaml: SCENE_MEMORY_DIM = OBJECT_MEMORY_DIM = 64
+
+
+def _memory(num_objects: int, g: torch.Generator, dim: int = MEMORY_DIM) -> dict:
+    return {"scene": torch.randn(5, dim, generator=g),
+            "object": torch.randn(num_objects, dim, generator=g),
             "object_slot": torch.randint(0, 5, (num_objects,), generator=g)}
 
 
-def _inputs(sizes, *, memory_objects=None, with_instances=True, out_size=None, seed=0):
+def _inputs(sizes, *, memory_objects=None, with_instances=True, out_size=None, seed=0,
+            memory_dim=MEMORY_DIM):
     """Made-up images with 2 segments each (a thing and a stuff region)."""
     g = torch.Generator().manual_seed(seed)
     batch = []
@@ -43,7 +47,7 @@ def _inputs(sizes, *, memory_objects=None, with_instances=True, out_size=None, s
             inst.gt_masks = masks
             d["instances"] = inst
         if memory_objects is not None:
-            d["memory"] = _memory(memory_objects[i], g)
+            d["memory"] = _memory(memory_objects[i], g, memory_dim)
         if out_size is not None:
             d["height"], d["width"] = out_size
         batch.append(d)

@@ -115,3 +115,19 @@ def test_grid_points_keep_their_own_rows_and_aliases(make_registry):
     assert [(e.name, e.row, e.same_as) for e in reg.select("tmp/k*")] == [
         ("tmp/k1", "1", None), ("tmp/k5", "5", "tmp/maps"), ("tmp/k10", "10", None)]
     assert reg.get("tmp/k10").build_config().MODEL.MAPS.NUM_RETRIEVED == 10
+
+
+def test_short_schedules_keep_only_decay_steps_inside_the_run():
+    from maps.config import get_maps_cfg
+    from maps.registry import _set_iterations
+
+    cfg = get_maps_cfg()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 1000, (900, 950)
+    _set_iterations(cfg, 100, steps_overridden=False)
+    assert cfg.SOLVER.MAX_ITER == 100 and cfg.SOLVER.STEPS == (90, 95)
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 1000, (900, 950)
+    _set_iterations(cfg, 4, steps_overridden=False)  # both round to 4 = MAX_ITER: dropped
+    assert cfg.SOLVER.STEPS == ()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 1000, (900, 950)
+    _set_iterations(cfg, 20, steps_overridden=False)  # 18, 19
+    assert cfg.SOLVER.STEPS == (18, 19)

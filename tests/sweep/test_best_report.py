@@ -16,11 +16,17 @@ from maps.sweep_testing import toy_pq
 from .conftest import toy_sweep
 
 
-@pytest.fixture
-def toy_study(runs_root):
-    """A finished 5-trial toy study (TPE, seed 0) and its spec and storage."""
-    spec = parse_sweep(toy_sweep())
-    result = run_sweep(spec, trials=5, executor="debug", runs_root=runs_root)
+@pytest.fixture(scope="module")
+def toy_study(tmp_path_factory):
+    """A finished 5-trial toy study (TPE, seed 0) and its spec and storage (read-only)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        spec = parse_sweep(toy_sweep())
+        result = run_sweep(spec, trials=5, executor="debug",
+                           runs_root=tmp_path_factory.mktemp("toy") / "runs")
+    finally:
+        mp.undo()
     assert result.counts == {"COMPLETE": 5}
     return spec, result.storage
 
@@ -109,10 +115,11 @@ def test_multi_objective_best_is_the_pareto_front(runs_root):
         set(p for p in points if not dominated(p)))
 
 
-def test_cli_best_register_and_report(toy_study, runs_root, experiments_copy, tmp_path, monkeypatch):
+def test_cli_best_register_and_report(toy_study, experiments_copy, tmp_path, monkeypatch):
     from maps.cli import main
 
-    spec, _ = toy_study
+    spec, storage = toy_study
+    runs_root = storage[len("journal:"):].rsplit("/sweep/", 1)[0]
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     (sweeps / "toy.yaml").write_text(yaml.safe_dump(toy_sweep()))

@@ -124,3 +124,20 @@ def test_cli_bad_space_is_one_line_exit_2(tmp_path, monkeypatch):
     assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
     assert "bad.yaml: key 'space.MODEL.MAPS.NUM_RETRIEVED': empty range" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_worker_has_its_own_reproducible_random_stream():
+    import optuna
+
+    from maps.sweep import _sampler
+
+    spec = parse_sweep(toy_sweep(sampler={"name": "random", "seed": 0}))
+
+    def first_value(stream):
+        study = optuna.create_study(sampler=_sampler(spec, stream))
+        return study.ask().suggest_float("x", 0.0, 1.0)
+
+    assert first_value(1) == first_value(1)
+    assert first_value(1) != first_value(2)
+    assert first_value(0) == optuna.create_study(
+        sampler=optuna.samplers.RandomSampler(seed=0)).ask().suggest_float("x", 0.0, 1.0)

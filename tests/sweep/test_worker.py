@@ -20,6 +20,7 @@ def _config(run_dir):
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_one_study_and_record_each_trial_once(runs_root, monkeypatch):
     monkeypatch.setenv("MAPS_SWEEP_TOY_SLEEP", "0.4")  # keep trials in flight together
     spec = parse_sweep(toy_sweep())
@@ -51,26 +52,35 @@ def test_two_local_workers_share_one_study_and_record_each_trial_once(runs_root,
 
 
 def test_killed_worker_leaves_its_trial_failed_and_the_study_goes_on(runs_root, monkeypatch):
-    monkeypatch.setenv("MAPS_SWEEP_TOY_KILL", "1")  # the worker of trial 1 SIGKILLs itself
-    monkeypatch.setenv("MAPS_SWEEP_TOY_SLEEP", "0.2")
+    """Two local worker processes; the one that draws trial 2 is SIGKILLed mid-trial."""
+    monkeypatch.setenv("MAPS_SWEEP_TOY_KILL", "2")
+    monkeypatch.setenv("MAPS_SWEEP_TOY_SLEEP", "0.3")
     spec = parse_sweep(toy_sweep())  # heartbeat every 0.2 s, dead after 1 s of silence
-    first = run_sweep(spec, trials=4, parallel=2, executor="local", runs_root=runs_root)
+    first = run_sweep(spec, trials=5, parallel=2, executor="local", runs_root=runs_root)
     assert len(first.worker_errors) == 1 and first.trials_by_worker.count(None) == 1
     survivor = next(w for w in first.trials_by_worker if w is not None)
-    assert 1 not in survivor
+    assert 2 not in survivor and survivor == sorted(survivor)
 
     monkeypatch.delenv("MAPS_SWEEP_TOY_KILL")
     time.sleep(1.2)  # past the grace period, whatever the survivor saw
     second = run_sweep(spec, trials=2, executor="debug", runs_root=runs_root)
     study = open_study(spec, second.storage)
     states = {t.number: t.state for t in study.trials}
-    assert len(states) == 6 and sorted(states) == list(range(6))
-    assert states[1] == TrialState.FAIL
-    assert [n for n, s in states.items() if s == TrialState.COMPLETE] == [0, 2, 3, 4, 5]
-    assert "no heartbeat" in study.trials[1].user_attrs["fail_reason"]
+    assert sorted(states) == list(range(7))  # each trial once, none lost, none extra
+    assert [n for n, s in states.items() if s != TrialState.COMPLETE] == [2]
+    assert states[2] == TrialState.FAIL
+    assert "no heartbeat" in study.trials[2].user_attrs["fail_reason"]
+    assert second.trials_by_worker == [[5, 6]]
     store = RunStore(runs_root)
-    dead = store.read_status(store.run_dir("sweep/toy/trial1", 0))
+    dead = store.read_status(store.run_dir("sweep/toy/trial2", 0))
     assert dead["state"] == "failed" and "sweep worker died" in dead["error"]
+    for t in study.trials:
+        if t.number == 2:
+            continue
+        run_dir = store.run_dir(trial_experiment("toy", t.number), 0)
+        status = store.read_status(run_dir)
+        assert status["state"] == "done" and status["trial"] == t.number
+        assert t.values == [toy_pq(_config(run_dir))] == [store.read_final(run_dir)["PQ"]]
 
 
 def test_stale_trial_is_failed_when_the_study_continues(runs_root):
@@ -159,3 +169,33 @@ def test_existing_study_with_other_direction_is_refused(runs_root):
     other = parse_sweep(toy_sweep(direction="minimize"))
     with pytest.raises(SweepError, match="already exists with directions"):
         run_sweep(other, trials=1, executor="debug", runs_root=runs_root)
+
+
+def test_cli_runs_and_continues_a_study(tmp_path, monkeypatch):
+    from maps.cli import main
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / "toy.yaml").write_text(yaml.safe_dump(toy_sweep()))
+    monkeypatch.setenv("MAPS_SWEEPS", str(sweeps))
+    args = ["sweep", "toy", "--trials", "2", "--executor", "debug", "--runs-root", str(tmp_path / "runs")]
+    out = CliRunner().invoke(main, args + ["--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output.strip().splitlines()[-1])
+    assert summary["counts"] == {"COMPLETE": 2} and summary["trials_by_worker"] == [[0, 1]]
+    assert summary["storage"] == f"journal:{tmp_path / 'runs' / 'sweep' / 'toy' / 'journal.log'}"
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert "worker 0: trials [2, 3]" in out.output and "study toy: 4 complete" in out.output
+
+
+def test_runs_of_another_study_of_the_same_name_are_not_overwritten(runs_root, tmp_path):
+    from maps.sweep import SweepError
+
+    spec = parse_sweep(toy_sweep())
+    run_sweep(spec, trials=1, executor="debug", runs_root=runs_root,
+              storage=f"journal:{tmp_path}/elsewhere.journal")
+    before = (runs_root / "sweep/toy/trial0/seed0/final.json").read_text()
+    with pytest.raises(SweepError, match="runs trial0 belong to an earlier study named 'toy'"):
+        run_sweep(spec, trials=1, executor="debug", runs_root=runs_root)  # a new, empty journal
+    assert (runs_root / "sweep/toy/trial0/seed0/final.json").read_text() == before

@@ -1,0 +1,435 @@
+"""``maps demo``: the whole pipeline of the paper on this machine, in minutes.
+
+The demo goes through the machinery a cluster user goes through, only smaller: the synthetic
+suite of the registry (``experiments/synthetic/main.yaml``), the run store, the submitit
+launcher with its local executor, W&B (offline unless configured) and :mod:`maps.report`.
+What it adds is the glue a fresh checkout needs -- the dataset, the memory bank and the
+neighbour caches -- and a schedule that fits two CPU cores: each training is one process with
+one intra-op thread (the tiny config is 10-20x slower with two threads on a loaded 2-core
+machine), ``parallel`` of them at a time.
+
+Everything is idempotent: the dataset, the memory and the runs are reused when they are
+there (the run store refuses to launch a finished run twice), unless ``fresh``.
+
+:func:`same_scene_rate` is the check behind the claim that memory can help here: the fraction
+of retrieved neighbours from the query's own scene type, next to the rate chance gives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from maps.errors import ConfigError, DatasetError, MapsError
+
+logger = logging.getLogger(__name__)
+
+#: the rows of the synthetic main-results table the demo trains (registry names)
+DEMO_EXPERIMENTS: Tuple[str, ...] = (
+    "synthetic/main/mask2former",
+    "synthetic/main/maps",
+    "synthetic/main/maps-aug",
+)
+TRAIN_TASK = "maps.engine.train:run_training"
+DATASET_NAMES = ("synthetic_train", "synthetic_val")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is: dataset images, training iterations, seeds."""
+
+    train_images: int
+    val_images: int
+    iterations: int
+    seeds: Tuple[int, ...] = (0,)
+    #: evaluations during training (the plots' points); the last one is at the end
+    evals: int = 2
+
+
+#: the default demo: about 6 minutes on 2 loaded cores (docs/demo.md has the measurement)
+FULL = DemoSize(train_images=400, val_images=100, iterations=300)
+#: ``--quick``: a smoke run of every stage, under 2 minutes
+QUICK = DemoSize(train_images=40, val_images=12, iterations=20, evals=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment of the launched trainings
+# ---------------------------------------------------------------------------------------------
+def configure_environment(datasets_root: Path, wandb_dir: Optional[Path] = None) -> Dict[str, str]:
+    """Set what the launched jobs inherit: one intra-op thread, the datasets, W&B's mode.
+
+    Local submitit jobs are children of this process and read their environment from it, so
+    this is how a setting reaches them. W&B stays offline unless the user configured a mode.
+    """
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "DETECTRON2_DATASETS": str(Path(datasets_root).absolute()),
+        "WANDB_MODE": os.environ.get("WANDB_MODE") or "offline",
+        "WANDB_SILENT": os.environ.get("WANDB_SILENT") or "true",
+    }
+    if wandb_dir is not None:
+        env["WANDB_DIR"] = str(Path(wandb_dir).absolute())
+    os.environ.update(env)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = True) -> Tuple[Path, bool]:
+    """The synthetic dataset at ``root`` with the demo's sizes: reused if it matches, else
+    (re)generated. Returns (root, generated)."""
+    from maps.data.synthetic import MANIFEST_NAME, generate_synthetic_dataset, read_manifest
+
+    root = Path(root).absolute()
+    want = {"train": size.train_images, "val": size.val_images}
+    if (root / MANIFEST_NAME).is_file():
+        manifest = read_manifest(root)
+        if manifest.get("splits") == want and manifest.get("seed") == seed:
+            return root, False
+        logger.info("%s holds another dataset (%s); regenerating", root, manifest.get("splits"))
+    generate_synthetic_dataset(root, size.train_images, size.val_images, seed=seed,
+                               overwrite=True, progress=progress)
+    return root, True
+
+
+def register_dataset(root: Path) -> None:
+    """Point ``synthetic_train`` / ``synthetic_val`` at ``root`` in this process."""
+    from maps.data.datasets import register_synthetic
+
+    register_synthetic("synthetic", str(root))
+
+
+def scenes_of(dataset_root: Path, split: str) -> Dict[Any, str]:
+    """image id -> scene type, from the ``scene`` field of the panoptic JSON's images."""
+    path = Path(dataset_root) / f"panoptic_{split}.json"
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"{path}: cannot read the images' scenes ({e})") from None
+    missing = [im.get("id") for im in images if "scene" not in im]
+    if missing:
+        raise DatasetError(f"{path}: images {missing[:3]} have no 'scene' field")
+    return {im["id"]: im["scene"] for im in images}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: bank + neighbour caches
+# ---------------------------------------------------------------------------------------------
+def memory_spec(experiments: Sequence[Any]) -> Optional[Dict[str, Any]]:
+    """The one memory spec the experiments share (None if none uses memory)."""
+    specs = [e.memory_spec() for e in experiments]
+    specs = [s for s in specs if s is not None]
+    if not specs:
+        return None
+    first = specs[0]
+    for s in specs[1:]:
+        if s != first:
+            raise ConfigError(f"the demo's experiments need different memories ({first} vs {s})")
+    return first
+
+
+def ensure_memory(spec: Mapping[str, Any], runs_root: Path, data_root: Path) -> Tuple[Any, bool]:
+    """The memory of ``spec`` as the launcher's prerequisite, built now if it is not complete.
+
+    It is the same :class:`maps.launch.PrereqSpec` ``maps launch`` uses (bank and neighbour
+    caches under ``<runs root>/_memory/...``, see :mod:`maps.memory.prepare`); the demo builds
+    it in this process, before launching, so its progress bars are on screen and the
+    same-scene rate can be shown before training starts. Returns (prereq, built).
+    """
+    from maps.launch import PrereqTask
+    from maps.memory.prepare import memory_prereq
+
+    prereq = memory_prereq(spec, runs_root, str(data_root))
+    if prereq.is_complete():
+        return prereq, False
+    PrereqTask(prereq)()  # builds, then writes the marker the launcher checks
+    return prereq, True
+
+
+@dataclass(frozen=True)
+class SceneRetrieval:
+    """How often retrieval returns images of the query's own scene type."""
+
+    rate: float      # fraction of retrieved neighbours with the query's scene
+    chance: float    # the same fraction for neighbours drawn at random from the memory
+    queries: int
+    k: int
+
+    def describe(self) -> str:
+        return (f"same-scene retrieval {100 * self.rate:.1f}% of top-{self.k} neighbours "
+                f"({self.queries} queries; chance {100 * self.chance:.1f}%)")
+
+
+def same_scene_rate(cache_path: Path, query_scenes: Mapping[Any, str], memory_scenes: Mapping[Any, str],
+                    k: Optional[int] = None) -> SceneRetrieval:
+    """Fraction of the (first ``k``) retrieved neighbours whose scene equals the query's.
+
+    Chance is what uniform retrieval from the memory would give: for each query, the share of
+    memory images (itself excluded) with its scene, averaged over queries.
+    """
+    from maps.memory.retrieval import NeighborCache
+
+    cache = NeighborCache(cache_path)
+    counts = Counter(memory_scenes.values())
+    total = len(memory_scenes)
+    hits = n = 0
+    chance_sum = 0.0
+    queries = 0
+    k_used = 0
+    for image_id, (neighbors, _scores) in cache.items():
+        if image_id not in query_scenes:
+            raise DatasetError(f"{cache_path}: image {image_id!r} is not in the query dataset")
+        scene = query_scenes[image_id]
+        top = list(neighbors)[:k] if k else list(neighbors)
+        k_used = max(k_used, len(top))
+        for nb in top:
+            if nb not in memory_scenes:
+                raise DatasetError(f"{cache_path}: neighbour {nb!r} is not in the memory dataset")
+            hits += memory_scenes[nb] == scene
+            n += 1
+        own = 1 if image_id in memory_scenes else 0
+        chance_sum += (counts[scene] - own) / max(total - own, 1)
+        queries += 1
+    if n == 0:
+        raise DatasetError(f"{cache_path}: no neighbours to score")
+    return SceneRetrieval(hits / n, chance_sum / queries, queries, k_used)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+def resized_experiment(experiment: Any, iterations: int) -> Any:
+    """The registry entry with its schedule shortened (SOLVER.STEPS scale with it)."""
+    return dataclasses.replace(experiment, iterations=int(iterations))
+
+
+def run_specs(experiments: Sequence[Any], size: DemoSize, memory: Optional[Any]) -> List[Any]:
+    """One RunSpec per experiment and seed, at the demo's size; runs with memory read the
+    prerequisite ``memory`` (a PrereqSpec) and list it, as ``maps launch`` does."""
+    from maps.launch import RunSpec
+    from maps.memory.prepare import apply_memory
+
+    specs = []
+    for exp in experiments:
+        small = resized_experiment(exp, size.iterations)
+        for seed in size.seeds:
+            cfg = small.build_config(seed)
+            cfg.TEST.EVAL_PERIOD = max(size.iterations // max(size.evals, 1), 1)
+            cfg.SOLVER.CHECKPOINT_PERIOD = size.iterations
+            # a very short schedule can round a scaled LR step onto MAX_ITER, which
+            # detectron2's MultiStep scheduler refuses: drop such steps
+            cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < size.iterations)
+            prereqs = ()
+            if memory is not None and cfg.MODEL.MAPS.ENABLED:
+                apply_memory(cfg, memory.output_dir)
+                prereqs = (memory,)
+            experiment, _, _ = small.run_name(seed).rpartition("/")
+            specs.append(RunSpec(experiment=experiment, seed=seed, config=cfg, task=TRAIN_TASK,
+                                 prerequisites=prereqs))
+    return specs
+
+
+def _iteration_of(run_dir: Path) -> int:
+    from maps.runstore import read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except MapsError:
+        return 0
+    its = [int(r["iteration"]) + 1 for r in records if "iteration" in r]
+    return max(its, default=0)
+
+
+def launch_with_progress(specs: Sequence[Any], store: Any, parallel: int = 2,
+                         console: Any = None, poll_s: float = 2.0) -> List[Any]:
+    """Launch the runs through :func:`maps.launch.launch` (local executor), at most
+    ``parallel`` at a time, with a progress bar per run read from its metrics.json.
+
+    Runs the store already has as done (or active) are skipped by the launcher itself. Returns
+    the launch outcomes in the order of ``specs``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from maps.launch import launch
+
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+    pending = list(specs)
+    running: List[Tuple[Any, Any, Any]] = []  # (spec, job, task id)
+    outcomes: Dict[Tuple[str, int], Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        tasks = {}
+        for spec in specs:
+            total = int(spec.config.SOLVER.MAX_ITER) if hasattr(spec.config, "SOLVER") else 1
+            tasks[(spec.experiment, spec.seed)] = bar.add_task(
+                f"{spec.experiment} seed {spec.seed}", total=total, state="waiting", start=False)
+        while pending or running:
+            while pending and len(running) < parallel:
+                spec = pending.pop(0)
+                key = (spec.experiment, spec.seed)
+                report = launch([spec], executor="local", store=store, wait=False, retry_failed=True)
+                outcome = report.outcomes[0]
+                outcomes[key] = outcome
+                if outcome.action != "submitted":
+                    bar.update(tasks[key], completed=bar.tasks[tasks[key]].total,
+                               state=f"[green]{outcome.reason}, reused")
+                    continue
+                bar.start_task(tasks[key])
+                bar.update(tasks[key], state="[cyan]training")
+                running.append((spec, report.jobs[0], tasks[key]))
+            time.sleep(poll_s if running else 0)
+            still = []
+            for spec, job, task_id in running:
+                run_dir = store.run_dir(spec.experiment, spec.seed)
+                bar.update(task_id, completed=_iteration_of(run_dir))
+                if job.done():
+                    status = store.read_status(run_dir) or {}
+                    state = status.get("state", "?")
+                    colour = "green" if state == "done" else "red"
+                    bar.update(task_id, state=f"[{colour}]{state}",
+                               completed=bar.tasks[task_id].total if state == "done" else None)
+                    bar.stop_task(task_id)
+                else:
+                    still.append((spec, job, task_id))
+            running = still
+    return [outcomes[(s.experiment, s.seed)] for s in specs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DemoResult:
+    """Where the demo's outputs are."""
+
+    runs_root: Path
+    dataset_root: Path
+    memory_dir: Optional[Path]
+    table_files: List[Path]
+    plot_files: List[Path]
+    wandb_dirs: List[Path]
+    retrieval: Optional[SceneRetrieval]
+    failed: List[str]
+    table_text: str
+    seconds: float
+
+
+def _wandb_dirs(store: Any, specs: Sequence[Any]) -> List[Path]:
+    out = []
+    for spec in specs:
+        run_dir = store.run_dir(spec.experiment, spec.seed)
+        record = store.read_wandb(run_dir) or {}
+        d = record.get("offline_dir")
+        if d and Path(d).exists():
+            out.append(Path(d))
+        else:
+            out += sorted((run_dir / "wandb").glob("*run-*"))
+    return out
+
+
+def demo_registry(registry: Any, seeds: Sequence[int], iterations: int) -> Any:
+    """The registry as the demo ran it: synthetic entries with the demo's seeds and schedule,
+    so the table counts its runs as complete instead of "1/3 done"."""
+    from maps.registry import Registry
+
+    def resize(e: Any) -> Any:
+        if e.suite != "synthetic" or not e.runnable:
+            return e
+        return dataclasses.replace(e, seeds=tuple(seeds), iterations=int(iterations))
+
+    return Registry([resize(e) for e in registry], registry.tables, registry.root,
+                    {k: resize(v) for k, v in registry.alias_setups.items()})
+
+
+def write_report(store: Any, out_dir: Path, registry: Any, plots: bool = True) -> Tuple[str, List[Path], List[Path], List[str]]:
+    """The synthetic main table (Table 2 mirror) from the store into ``out_dir/synthetic``."""
+    from maps.report import build_tables, render, write_tables
+    from maps.report_sources import RunStoreSource
+
+    source = RunStoreSource(store)
+    report = build_tables(registry, source, 2, "synthetic")
+    tables = [Path(p) for p in write_tables(report, out_dir, ("md", "latex", "csv"))]
+    plot_files: List[Path] = []
+    if plots:
+        from maps.report_plots import write_plots
+
+        plot_files = [Path(p) for p in write_plots(report, source, registry, out_dir)]
+    text = "\n".join(render(t, "md") for t in report.tables)
+    return text, tables, plot_files, list(report.warnings)
+
+
+def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments: Sequence[str] = DEMO_EXPERIMENTS,
+             parallel: int = 2, fresh: bool = False, plots: bool = True,
+             say: Callable[[str], None] = print, console: Any = None) -> DemoResult:
+    """Dataset -> memory -> trainings -> evaluation -> W&B (offline) -> the synthetic Table 2.
+
+    ``runs_root`` holds everything the demo makes besides the table: ``datasets/synthetic``,
+    ``memory/``, the run store (``synthetic/main/<row>/seed<k>``) and W&B's offline runs in
+    each run directory. ``fresh`` deletes it first.
+    """
+    from maps.registry import load_registry
+    from maps.runstore import RunStore
+
+    start = time.time()
+    runs_root = Path(runs_root).absolute()
+    if fresh and runs_root.exists():
+        say(f"--fresh: removing {runs_root}")
+        shutil.rmtree(runs_root)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    datasets_root = runs_root / "datasets"
+    configure_environment(datasets_root)
+
+    say(f"[1/5] synthetic dataset: {size.train_images} train / {size.val_images} val images")
+    dataset_root, made = ensure_dataset(datasets_root / "synthetic", size)
+    say(f"      {'generated' if made else 'reused'} {dataset_root}")
+    register_dataset(dataset_root)
+
+    registry = load_registry()
+    exps = [registry.get(name) for name in experiments]
+    mem_spec = memory_spec(exps)
+    memory = retrieval = None
+    if mem_spec is not None:
+        say(f"[2/5] memory: bank of {mem_spec['dataset']} with {mem_spec['key_encoder']} "
+            f"{mem_spec['key_arch']} keys and {mem_spec['dense']} object tokens")
+        if not mem_spec.get("weights"):
+            say("      NOTE: the encoders are randomly initialised (no weights can be downloaded "
+                "here), so retrieval ranks images by random-feature similarity")
+        memory, built = ensure_memory(mem_spec, runs_root, datasets_root)
+        say(f"      {'built' if built else 'reused'} {memory.output_dir}")
+        k = max(int(e.build_config().MODEL.MAPS.NUM_RETRIEVED) for e in exps if e.memory_spec())
+        retrieval = same_scene_rate(Path(memory.output_dir) / "neighbors" / "synthetic_val.jsonl",
+                                    scenes_of(dataset_root, "val"), scenes_of(dataset_root, "train"), k=k)
+        say(f"      val -> train {retrieval.describe()}")
+    else:
+        say("[2/5] memory: none of the experiments uses memory")
+
+    store = RunStore(runs_root)
+    specs = run_specs(exps, size, memory)
+    say(f"[3/5] training + evaluation: {len(specs)} runs x {size.iterations} iterations, "
+        f"{parallel} at a time, one thread each (W&B mode: {os.environ['WANDB_MODE']})")
+    launch_with_progress(specs, store, parallel=parallel, console=console)
+    failed = []
+    for spec in specs:
+        status = store.read_status(store.run_dir(spec.experiment, spec.seed)) or {}
+        if status.get("state") != "done":
+            failed.append(f"{spec.experiment} seed {spec.seed}: {status.get('state')} "
+                          f"({status.get('error') or 'see ' + str(status.get('log_stderr'))})")
+
+    say(f"[4/5] tables: synthetic Table 2 mirror -> {Path(out_dir) / 'synthetic'}")
+    text, tables, plot_files, warnings = write_report(
+        store, Path(out_dir), demo_registry(registry, size.seeds, size.iterations), plots=plots)
+    for w in warnings:
+        say(f"      warning: {w}")
+    return DemoResult(runs_root, dataset_root, Path(memory.output_dir) if memory else None, tables, plot_files,
+                      _wandb_dirs(store, specs), retrieval, failed, text, time.time() - start)

@@ -1,0 +1,115 @@
+"""Evaluation-only runs: a trained model evaluated under another config (paper Table 7).
+
+Table 7 switches a memory off *at inference only*: the weights are those of the trained MAPS
+run, the config differs only in ``MODEL.MAPS.TEST.*``. Such a run (a registry entry with
+``eval_of``) trains nothing; its task, :func:`run_evaluation`, loads the final checkpoint of
+the training run of the same seed (``MODEL.WEIGHTS``, set by the launcher) and writes the
+same records as a training run (config.yaml, memory.json, final.json) in its own directory.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: a tampered or foreign pickle
+cannot run code, and a file that needs more than tensors and plain containers is refused
+with a message naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+
+from maps.errors import ConfigError
+from maps.io import atomic_write_json, atomic_write_text
+
+__all__ = ["SafeCheckpointer", "evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
+
+logger = logging.getLogger("maps.evaluate")
+
+#: the launcher's name for :func:`run_evaluation`
+EVAL_TASK = "maps.engine.evaluate:run_evaluation"
+#: which checkpoint an evaluation run evaluated (path, sha256, its training iteration)
+MODEL_RECORD = "evaluated_model.json"
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer, unpickling with ``weights_only=True``."""
+
+    def _torch_load(self, f):
+        import pickle
+
+        import torch
+
+        try:
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"MODEL.WEIGHTS {f}: not a plain weights file (refused by "
+                              f"torch.load(weights_only=True): {str(e).splitlines()[0]})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def evaluate(cfg: CfgNode) -> Dict[str, float]:
+    """Evaluate ``cfg.MODEL.WEIGHTS`` under ``cfg`` in ``cfg.OUTPUT_DIR``; return final metrics.
+
+    The final metrics have the training run's keys (PQ, PQ_th, PQ_st, AP, mIoU, iteration,
+    params); ``iteration`` is the checkpoint's own.
+    """
+    import maps.data  # noqa: F401  (registers datasets)
+    from maps.engine.train import _setup_logging
+    from maps.engine.trainer import MAPSTrainer
+    from maps.evaluation import flatten_results
+    from maps.modeling.build import build_model
+
+    weights = Path(cfg.MODEL.WEIGHTS)
+    if not cfg.MODEL.WEIGHTS or not weights.is_file():
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: the trained model to evaluate "
+                          "is missing (has its training run finished?)")
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(str(out))
+    atomic_write_text(out / "config.yaml", cfg.dump())
+    if cfg.MODEL.MAPS.ENABLED:
+        from maps.memory.wiring import bank_record
+
+        atomic_write_json(out / "memory.json", {
+            **bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
+            "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
+            "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)})
+
+    model = build_model(cfg)
+    model.eval()
+    checkpoint = SafeCheckpointer(model).load(str(weights), checkpointables=[])
+    iteration = int(checkpoint.get("iteration", cfg.SOLVER.MAX_ITER - 1)) + 1
+    atomic_write_json(out / MODEL_RECORD, {"weights": str(weights.resolve()),
+                                           "sha256": _sha256(weights), "iteration": iteration})
+    logger.info("evaluating %s (iteration %d) with %s", weights, iteration, out / "config.yaml")
+    results = MAPSTrainer.test(cfg, model)
+    final: Dict[str, Any] = {k: float(v) for k, v in flatten_results(results).items()}
+    final["iteration"] = iteration
+    final["params"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    atomic_write_json(out / "final.json", final)
+    return final
+
+
+def run_evaluation(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dict[str, float]:
+    """The launched task of an evaluation-only run (signature of ``run_training``).
+
+    ``resume`` changes nothing: an evaluation has no state worth keeping, it starts again.
+    """
+    from maps.engine.train import config_from_yaml_text
+
+    cfg = config_from_yaml_text(config_yaml)
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(run_dir)
+    cfg.SEED = int(seed)
+    cfg.freeze()
+    return evaluate(cfg)

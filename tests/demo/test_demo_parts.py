@@ -1,0 +1,118 @@
+"""The demo's building blocks: scene-retrieval rate, dataset reuse, run specs, the report's registry."""
+import json
+import os
+
+import pytest
+
+from maps.demo import (DEMO_EXPERIMENTS, QUICK, DemoSize, configure_environment, demo_registry,
+                       ensure_dataset, memory_spec, resized_experiment, run_specs, same_scene_rate,
+                       scenes_of)
+from maps.errors import DatasetError
+from maps.registry import load_registry
+
+
+def _cache(path, rows):
+    header = {"format": "maps-neighbors", "version": 1, "k": 2}
+    lines = [json.dumps(header)] + [
+        json.dumps({"image_id": q, "neighbors": nn, "scores": [1.0 - 0.1 * i for i in range(len(nn))]})
+        for q, nn in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_same_scene_rate_counts_hits_and_chance(tmp_path):
+    # memory: 3 kitchens (1, 2, 3), 1 street (4); queries 10 (kitchen) and 11 (street)
+    memory = {1: "kitchen", 2: "kitchen", 3: "kitchen", 4: "street"}
+    queries = {10: "kitchen", 11: "street"}
+    cache = _cache(tmp_path / "nb.jsonl", [(10, [1, 4]), (11, [4, 2])])
+    r = same_scene_rate(cache, queries, memory)
+    assert r.rate == pytest.approx(2 / 4)  # 10: 1 hit of 2; 11: 1 hit of 2
+    assert r.chance == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert (r.queries, r.k) == (2, 2)
+    assert "50.0%" in r.describe() and "chance 50.0%" in r.describe()
+    # only the first k neighbours count
+    assert same_scene_rate(cache, queries, memory, k=1).rate == pytest.approx(1.0)
+
+
+def test_same_scene_rate_excludes_the_query_from_chance_when_it_is_in_memory(tmp_path):
+    memory = {1: "lake", 2: "lake", 3: "forest"}
+    cache = _cache(tmp_path / "nb.jsonl", [(1, [2, 3])])
+    r = same_scene_rate(cache, memory, memory)
+    assert r.rate == pytest.approx(0.5)
+    assert r.chance == pytest.approx(1 / 2)  # the other lake of the 2 other images
+
+
+def test_same_scene_rate_names_an_unknown_neighbour(tmp_path):
+    cache = _cache(tmp_path / "nb.jsonl", [(10, [99])])
+    with pytest.raises(DatasetError, match="neighbour 99 is not in the memory dataset"):
+        same_scene_rate(cache, {10: "lake"}, {1: "lake"})
+
+
+def test_scenes_of_reads_the_images_scene_field(tmp_path):
+    (tmp_path / "panoptic_val.json").write_text(json.dumps({"images": [{"id": 5, "scene": "lake"}]}))
+    assert scenes_of(tmp_path, "val") == {5: "lake"}
+    (tmp_path / "panoptic_train.json").write_text(json.dumps({"images": [{"id": 5}]}))
+    with pytest.raises(DatasetError, match=r"panoptic_train.json: images \[5\] have no 'scene'"):
+        scenes_of(tmp_path, "train")
+
+
+def test_ensure_dataset_generates_then_reuses_then_regenerates_on_new_sizes(tmp_path):
+    size = DemoSize(train_images=3, val_images=2, iterations=2)
+    root, made = ensure_dataset(tmp_path / "synthetic", size, progress=False)
+    assert made and len(scenes_of(root, "train")) == 3 and len(scenes_of(root, "val")) == 2
+    assert ensure_dataset(root, size, progress=False) == (root, False)
+    root, made = ensure_dataset(root, DemoSize(4, 2, 2), progress=False)
+    assert made and len(scenes_of(root, "train")) == 4
+
+
+def test_configure_environment_sets_one_thread_and_offline_wandb(tmp_path, monkeypatch):
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DETECTRON2_DATASETS", "WANDB_SILENT"):
+        monkeypatch.setenv(key, "x")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    env = configure_environment(tmp_path / "d")
+    assert os.environ["OMP_NUM_THREADS"] == "1" and env["WANDB_MODE"] == "offline"
+    assert os.environ["DETECTRON2_DATASETS"] == str((tmp_path / "d").absolute())
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # a user's choice is kept
+    assert configure_environment(tmp_path / "d")["WANDB_MODE"] == "disabled"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+def test_run_specs_shorten_the_schedule_and_attach_the_memory(registry, tmp_path):
+    from maps.memory.prepare import memory_prereq
+
+    exps = [registry.get(n) for n in DEMO_EXPERIMENTS]
+    spec = memory_spec(exps)
+    assert spec["dataset"] == "synthetic_train" and spec["key_arch"] == "ViT-Tiny-16"
+    prereq = memory_prereq(spec, tmp_path, str(tmp_path / "data"))
+    size = DemoSize(10, 5, iterations=20, seeds=(0, 1), evals=2)
+    specs = run_specs(exps, size, prereq)
+    assert [(s.experiment, s.seed) for s in specs] == [(n, seed) for n in DEMO_EXPERIMENTS for seed in (0, 1)]
+    for s in specs:
+        cfg = s.config
+        assert cfg.SOLVER.MAX_ITER == 20 and cfg.TEST.EVAL_PERIOD == 10
+        assert all(step < 20 for step in cfg.SOLVER.STEPS)  # 1800/2000*20 = 18 kept, 19 kept
+        if cfg.MODEL.MAPS.ENABLED:
+            assert cfg.MODEL.MAPS.MEMORY.BANK == os.path.join(prereq.output_dir, "bank")
+            assert list(s.prerequisites) == [prereq]
+        else:
+            assert s.experiment == "synthetic/main/mask2former" and not s.prerequisites
+
+
+def test_run_specs_drop_lr_steps_that_land_on_the_last_iteration(registry):
+    exp = registry.get("synthetic/main/mask2former")
+    assert resized_experiment(exp, 10).build_config().SOLVER.STEPS[-1] >= 10  # what detectron2 refuses
+    (spec,) = run_specs([exp], DemoSize(4, 2, iterations=10), None)
+    assert all(s < 10 for s in spec.config.SOLVER.STEPS)
+
+
+def test_demo_registry_counts_the_demo_seeds(registry):
+    small = demo_registry(registry, (0,), QUICK.iterations)
+    assert small.get("synthetic/main/maps").seeds == (0,)
+    assert small.get("synthetic/main/maps").iterations == QUICK.iterations
+    assert registry.get("synthetic/main/maps").seeds == (0, 1, 2)  # the original is untouched
+    paper = [e for e in registry if e.suite == "paper" and e.runnable][0]
+    assert small.get(paper.name).seeds == paper.seeds

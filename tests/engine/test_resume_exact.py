@@ -1,0 +1,155 @@
+"""Exact resumption: a run stopped after a checkpoint and resumed ends where an uninterrupted
+run ends, bit for bit (weights, per-iteration losses, final metrics).
+
+The stop is an exception raised by a hook right after the checkpoint of iteration 6 (the
+checkpointer hook runs first), which is what a preempted job leaves behind: the checkpoint
+and a metrics.json that may hold iterations past it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_ITER, PERIOD, STOP_AFTER = 9, 3, 6
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def _seeded_loader(monkeypatch) -> None:
+    """Stand-in for the fix reported to the lead (maps/engine/trainer.py): give the training
+    DataLoader its own generator (``build_detection_train_loader(..., seed=seed)``).
+
+    Without it, torch's DataLoader draws its base seed from the global torch RNG when its
+    iterator starts, which happens in the first run_step, after that iteration's reseed: at
+    iteration 0 of a fresh run but at the first iteration after a resume, so the resumed
+    run's torch draws (the criterion's point sampling: loss_mask, loss_dice) are shifted."""
+    import functools
+
+    import maps.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "build_detection_train_loader",
+                        functools.partial(trainer_module.build_detection_train_loader, seed=3))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from maps.data import generate_synthetic_dataset, register_synthetic
+
+    root = tmp_path_factory.mktemp("resume") / "synthetic"
+    generate_synthetic_dataset(root, num_train=8, num_val=2, size=64, seed=5, progress=False)
+    register_synthetic("resume_test", str(root))
+    return "resume_test"
+
+
+def _cfg(dataset: str, out: Path):
+    from maps.modeling.build import load_config
+
+    cfg = load_config(REPO / "experiments/configs/synthetic/tiny.yaml", [
+        "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.STEPS", "(4, 7)",
+        "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", str(PERIOD),
+        "TEST.EVAL_PERIOD", "0", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "128",
+        "DATASETS.TRAIN", f"('{dataset}_train',)", "DATASETS.TEST", f"('{dataset}_val',)",
+        "SEED", "3", "OUTPUT_DIR", str(out)], freeze=False)
+    cfg.freeze()
+    return cfg
+
+
+def _losses(run_dir: Path) -> dict:
+    """Iteration -> logged total loss (a re-logged iteration keeps its last value)."""
+    out = {}
+    for line in (run_dir / "metrics.json").read_text().splitlines():
+        rec = json.loads(line)
+        if "total_loss" in rec:
+            out[rec["iteration"]] = rec["total_loss"]
+    return out
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(dataset, tmp_path, monkeypatch):
+    from detectron2.engine import HookBase
+
+    from maps.engine.determinism import reseed_all
+    from maps.engine.train import train
+    from maps.engine.trainer import MAPSTrainer
+
+    # stand-in for the seeding train() lacks (see the xfail test below): the model's initial
+    # weights are drawn from the global RNG, which the first run leaves in another state
+    _seeded_loader(monkeypatch)
+    reseed_all(1234)
+    straight = train(_cfg(dataset, tmp_path / "straight"))
+
+    class StopAfter(HookBase):
+        def after_step(self):
+            if self.trainer.iter == STOP_AFTER - 1:
+                raise _Interrupted(f"stopped after iteration {self.trainer.iter}")
+
+    plain_hooks = MAPSTrainer.build_hooks
+    monkeypatch.setattr(MAPSTrainer, "build_hooks",
+                        lambda self: plain_hooks(self) + [StopAfter()])
+    reseed_all(1234)
+    with pytest.raises(_Interrupted):
+        train(_cfg(dataset, tmp_path / "resumed"))
+    monkeypatch.setattr(MAPSTrainer, "build_hooks", plain_hooks)
+    run = tmp_path / "resumed"
+    assert (run / f"model_{STOP_AFTER - 1:07d}.pth").is_file()
+    assert not (run / "model_final.pth").exists()
+    assert (run / "last_checkpoint").read_text().strip() == f"model_{STOP_AFTER - 1:07d}.pth"
+
+    resumed = train(_cfg(dataset, run), resume=True)
+
+    a, b = _weights(tmp_path / "straight"), _weights(run)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ after the resume, e.g. {differ[:3]}"
+    # metrics.json holds losses smoothed over detectron2's 20-iteration window, whose history
+    # restarts with the resumed process: those are not comparable; the iterations are
+    la, lb = _losses(tmp_path / "straight"), _losses(run)
+    assert MAX_ITER - 1 in la and set(la) <= set(lb)
+    assert straight.keys() == resumed.keys()
+    assert all(_same(straight[k], resumed[k]) for k in straight), (straight, resumed)
+    assert resumed["iteration"] == MAX_ITER
+
+
+@pytest.mark.xfail(strict=True, reason="train() does not seed the global RNG from cfg.SEED "
+                   "before building the model: the initial weights depend on the process's "
+                   "RNG state (fix for maps/engine/train.py reported to the lead)")
+def test_same_seed_gives_same_initial_weights(dataset, tmp_path):
+    """Two runs of one seed must start from the same weights, whatever ran before them."""
+    from maps.engine.trainer import MAPSTrainer
+
+    torch.manual_seed(1)
+    first = MAPSTrainer(_cfg(dataset, tmp_path / "one")).model.state_dict()
+    torch.manual_seed(2)
+    second = MAPSTrainer(_cfg(dataset, tmp_path / "two")).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.xfail(strict=True, reason="MAPSTrainer.build_train_loader builds the DataLoader "
+                   "without a generator (no seed=): its base-seed draw shifts the global torch "
+                   "RNG on the first iteration after a resume (fix reported to the lead)")
+def test_train_loader_has_its_own_generator(dataset, tmp_path):
+    """The DataLoader must not draw from the global torch RNG that the reseed hook controls."""
+    import torch.utils.data as torchdata
+
+    from maps.engine.trainer import MAPSTrainer
+
+    loader = MAPSTrainer.build_train_loader(_cfg(dataset, tmp_path / "loader"))
+    inner = loader if isinstance(loader, torchdata.DataLoader) else loader.dataset
+    assert isinstance(inner, torchdata.DataLoader)
+    assert inner.generator is not None

@@ -1,0 +1,91 @@
+"""A training run killed at random points resumes and ends exactly where an unbroken run ends.
+
+The run is the real ``maps train`` (tiny config, 64 px, 20 iterations, a checkpoint every 3),
+SIGKILLed 10 times at seeded random moments (during start-up, training, checkpoint writes or
+the final evaluation alike) and restarted each time with ``--resume``. On CPU with one thread
+and ``NUM_WORKERS 0`` training is deterministic (maps.engine.determinism), so the final
+metrics and every weight must equal those of an uninterrupted run of the same seed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import SMALL, TINY_CONFIG, maps_env
+
+# the maps command plus the two seeding stand-ins described in seeded_maps.py
+SEEDED_MAPS = [sys.executable, str(Path(__file__).with_name("seeded_maps.py"))]
+
+MAX_ITER = 20
+KILLS = 10
+TRAIN_ARGS = ["SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "7", *SMALL]
+
+
+def _train(run_dir: Path, resume: bool) -> list:
+    return ["train", "--config", str(TINY_CONFIG), "--output", str(run_dir),
+            *(["--resume"] if resume else []), *TRAIN_ARGS]
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _start_iterations(log: Path) -> list:
+    """The iteration each attempt started from, as detectron2's trainer logs it."""
+    return [int(m) for m in re.findall(r"Starting training from iteration (\d+)", log.read_text())]
+
+
+@pytest.mark.slow
+def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
+    env = maps_env(datasets_root)
+    ref = tmp_path / "reference"
+    t0 = time.monotonic()
+    done = subprocess.run(SEEDED_MAPS + _train(ref, resume=False), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference_s = time.monotonic() - t0
+
+    run = tmp_path / "killed"
+    rng = random.Random(20260425)
+    kills = 0
+    while kills < KILLS:
+        # a uniform moment of a whole run: start-up, training, checkpointing and evaluation
+        delay = rng.uniform(0.5, reference_s)
+        proc = subprocess.Popen(SEEDED_MAPS + _train(run, resume=True), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        # it finished before its kill time: start again from nothing, the kills are what we test
+        assert proc.returncode == 0
+        for p in sorted(run.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+    final = subprocess.run(SEEDED_MAPS + _train(run, resume=True), env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    starts = _start_iterations(run / "log.txt")
+    print(f"reference {reference_s:.1f} s; attempts started at iterations {starts}")
+    assert len([s for s in starts if s > 0]) >= 2, f"too few kills after a checkpoint: starts {starts}"
+    assert json.loads((run / "final.json").read_text()) == json.loads((ref / "final.json").read_text())
+    got, want = _weights(run / "model_final.pth"), _weights(ref / "model_final.pth")
+    assert got.keys() == want.keys()
+    diff = {k for k in want if not bool((got[k] == want[k]).all())}
+    assert not diff, f"weights differ from the uninterrupted run: {sorted(diff)[:5]} (starts {starts})"
+    # metrics.json has each iteration once after read_metrics' de-duplication, in order
+    from maps.runstore import read_metrics
+
+    its = [m["iteration"] for m in read_metrics(run) if "total_loss" in m]
+    assert its == sorted(set(its)) and its[-1] == MAX_ITER - 1
