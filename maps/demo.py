@@ -16,6 +16,7 @@ of retrieved neighbours from the query's own scene type, next to the rate chance
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from maps.errors import ConfigError, DatasetError, MapsError
 
@@ -53,9 +54,10 @@ class DemoSize:
     evals: int = 2
 
 
-#: the default demo: about 6 minutes on 2 loaded cores (docs/demo.md has the measurement)
+#: the default demo: 3 runs x 300 iterations; an estimated 4-5 minutes on 2 idle cores (not
+#: measured: see docs/demo.md for what was measured under load)
 FULL = DemoSize(train_images=400, val_images=100, iterations=300)
-#: ``--quick``: a smoke run of every stage, under 2 minutes
+#: ``--quick``: a smoke run of every stage (mostly the start-up of three trainings)
 QUICK = DemoSize(train_images=40, val_images=12, iterations=20, evals=1)
 
 
@@ -93,7 +95,8 @@ def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = T
     want = {"train": size.train_images, "val": size.val_images}
     if (root / MANIFEST_NAME).is_file():
         manifest = read_manifest(root)
-        if manifest.get("splits") == want and manifest.get("seed") == seed:
+        have = {split: (n or {}).get("images") for split, n in (manifest.get("splits") or {}).items()}
+        if have == want and manifest.get("seed") == seed:
             return root, False
         logger.info("%s holds another dataset (%s); regenerating", root, manifest.get("splits"))
     generate_synthetic_dataset(root, size.train_images, size.val_images, seed=seed,
@@ -259,8 +262,6 @@ def launch_with_progress(specs: Sequence[Any], store: Any, parallel: int = 2,
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from maps.launch import launch
-
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
     pending = list(specs)
@@ -274,36 +275,71 @@ def launch_with_progress(specs: Sequence[Any], store: Any, parallel: int = 2,
             total = int(spec.config.SOLVER.MAX_ITER) if hasattr(spec.config, "SOLVER") else 1
             tasks[(spec.experiment, spec.seed)] = bar.add_task(
                 f"{spec.experiment} seed {spec.seed}", total=total, state="waiting", start=False)
-        while pending or running:
-            while pending and len(running) < parallel:
-                spec = pending.pop(0)
-                key = (spec.experiment, spec.seed)
-                report = launch([spec], executor="local", store=store, wait=False, retry_failed=True)
-                outcome = report.outcomes[0]
-                outcomes[key] = outcome
-                if outcome.action != "submitted":
-                    bar.update(tasks[key], completed=bar.tasks[tasks[key]].total,
-                               state=f"[green]{outcome.reason}, reused")
-                    continue
-                bar.start_task(tasks[key])
-                bar.update(tasks[key], state="[cyan]training")
-                running.append((spec, report.jobs[0], tasks[key]))
-            time.sleep(poll_s if running else 0)
-            still = []
-            for spec, job, task_id in running:
-                run_dir = store.run_dir(spec.experiment, spec.seed)
-                bar.update(task_id, completed=_iteration_of(run_dir))
-                if job.done():
-                    status = store.read_status(run_dir) or {}
-                    state = status.get("state", "?")
-                    colour = "green" if state == "done" else "red"
-                    bar.update(task_id, state=f"[{colour}]{state}",
-                               completed=bar.tasks[task_id].total if state == "done" else None)
-                    bar.stop_task(task_id)
-                else:
-                    still.append((spec, job, task_id))
-            running = still
+        try:
+            with _interrupt_on_sigterm():
+                _schedule(pending, running, outcomes, tasks, bar, store, parallel, poll_s)
+        except BaseException:
+            # local jobs are not children that die with us: stop them, or they train on
+            for _spec, job, _task in running:
+                job.cancel(check=False)
+            raise
     return [outcomes[(s.experiment, s.seed)] for s in specs]
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM (a closed terminal, ``kill``) like Ctrl-C while runs are being watched."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _schedule(pending: List[Any], running: List[Tuple[Any, Any, Any]], outcomes: Dict[Tuple[str, int], Any],
+              tasks: Mapping[Tuple[str, int], Any], bar: Any, store: Any, parallel: int, poll_s: float) -> None:
+    """Start runs while a slot is free; follow the running ones until all have ended."""
+    from maps.launch import launch
+
+    while pending or running:
+        while pending and len(running) < parallel:
+            spec = pending.pop(0)
+            key = (spec.experiment, spec.seed)
+            report = launch([spec], executor="local", store=store, wait=False, retry_failed=True)
+            outcome = report.outcomes[0]
+            outcomes[key] = outcome
+            if outcome.action != "submitted":
+                bar.update(tasks[key], completed=bar.tasks[tasks[key]].total,
+                           state=f"[green]{outcome.reason}, reused")
+                continue
+            bar.start_task(tasks[key])
+            bar.update(tasks[key], state="[cyan]training")
+            running.append((spec, report.jobs[0], tasks[key]))
+        time.sleep(poll_s if running else 0)
+        still = []
+        for spec, job, task_id in running:
+            run_dir = store.run_dir(spec.experiment, spec.seed)
+            bar.update(task_id, completed=_iteration_of(run_dir))
+            if job.done():
+                status = store.read_status(run_dir) or {}
+                state = status.get("state", "?")
+                colour = "green" if state == "done" else "red"
+                bar.update(task_id, state=f"[{colour}]{state}",
+                           completed=bar.tasks[task_id].total if state == "done" else None)
+                bar.stop_task(task_id)
+            else:
+                still.append((spec, job, task_id))
+        running[:] = still
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +411,7 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
     """Dataset -> memory -> trainings -> evaluation -> W&B (offline) -> the synthetic Table 2.
 
     ``runs_root`` holds everything the demo makes besides the table: ``datasets/synthetic``,
-    ``memory/``, the run store (``synthetic/main/<row>/seed<k>``) and W&B's offline runs in
+    ``_memory/``, the run store (``synthetic/main/<row>/seed<k>``) and W&B's offline runs in
     each run directory. ``fresh`` deletes it first.
     """
     from maps.registry import load_registry

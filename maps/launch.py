@@ -11,6 +11,11 @@ restarted job calls the task again with ``resume=True`` in the same run director
 per GPU (``tasks_per_node = gpus_per_node``) sets up ``torch.distributed`` from submitit's
 ``JobEnvironment``; only rank 0 writes records.
 
+Runs may need other work first: ``RunSpec.prerequisites`` (a memory build, built once per
+output directory, its runs submitted with ``afterok`` on its job) and ``RunSpec.after`` (other
+runs, e.g. the training run an evaluation-only run evaluates: ``afterok`` on that run's job
+on Slurm; with local/debug executors the waited-for runs are launched to the end first).
+
 The training task has the signature ``task(run_dir, config_yaml, seed, resume) -> dict`` and
 is named by import path (``"maps.engine.train:run_training"``), so a job pickles a string,
 not the function.

@@ -102,7 +102,9 @@ def launch_command(selector: str, seeds: Optional[int], executor: str, profile: 
                    dry_run: bool, retry_failed: bool, runs_root: str) -> None:
     """Launch the runs of the experiments matching SELECTOR (a name, table or glob).
 
-    Idempotent: runs that are done, queued or running are not submitted again.
+    Idempotent: runs that are done, queued or running are not submitted again. The memory
+    of MAPS runs is built first (once per distinct memory, under RUNS_ROOT/_memory), and
+    evaluation-only runs (Table 7) start after the training run they evaluate.
     """
     from maps.launch import launch
     from maps.runstore import RunStore

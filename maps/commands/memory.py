@@ -23,8 +23,8 @@ def memory() -> None:
               help="Local checkpoint of the key encoder; none: random init from --seed.")
 @click.option("--dense-weights", default=None, type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--shards", default=1, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default="local",
               show_default=True)
 @click.option("--slurm", "slurm", multiple=True, metavar="KEY=VALUE",
@@ -58,13 +58,13 @@ def build(dataset, out, encoder, arch, dense, dense_arch, weights, dense_weights
 @click.option("--bank", required=True, type=click.Path(file_okay=False))
 @click.option("--dataset", required=True, help="Dataset whose images query the memory.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines file.")
-@click.option("--k", default=10, show_default=True, type=int,
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),
               help="Neighbours per image (>= NUM_RETRIEVED, or POOL_SIZE with random sampling).")
 @click.option("--search", type=click.Choice(["exact", "hnsw"]), default="exact",
               show_default=True)
 @click.option("--first-pass", type=click.Choice(["auto", "fp32", "bf16", "pca"]),
               default="auto", show_default=True, help="Candidate pass of exact search.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 def neighbors(bank, dataset, out, k, search, first_pass, batch_size) -> None:
     """Nearest memory images of every image of a dataset (its own image excluded)."""
     from maps.memory.bank import MemoryBank

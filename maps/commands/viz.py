@@ -19,7 +19,7 @@ def _parse_id(value: str):
 @click.option("--image", "image", required=True,
               help="Query image: its image id, or its file name (e.g. 000000000139.jpg).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file.")
-@click.option("--k", default=5, show_default=True, type=int)
+@click.option("--k", default=5, show_default=True, type=click.IntRange(min=1))
 def retrievals(bank, dataset, image, out, k) -> None:
     """The query image, its k retrieved scenes and their object-memory segments."""
     import os

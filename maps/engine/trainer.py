@@ -12,7 +12,7 @@ from detectron2.data import (build_detection_test_loader, build_detection_train_
 from detectron2.engine import DefaultTrainer
 from detectron2.utils.events import EventWriter
 
-from maps.engine.determinism import ReseedEachIteration, ResumableTrainingSampler
+from maps.engine.determinism import ReseedEachIteration, ResumableTrainingSampler, reseed_all
 from maps.engine.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ class MAPSTrainer(DefaultTrainer):
     extra_hooks: List[Any] = []
 
     @classmethod
+    def build_model(cls, cfg: CfgNode):
+        # the initial weights depend on the seed alone, not on what ran before in the process
+        reseed_all(cfg.SEED if cfg.SEED >= 0 else 0)
+        return super().build_model(cfg)
+
+    @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module):
         return build_optimizer(cfg, model)
 
@@ -67,8 +73,10 @@ class MAPSTrainer(DefaultTrainer):
         mapper = build_train_mapper(cfg, memory_fn=memory_attacher_for(cfg, cfg.DATASETS.TRAIN[0]))
         seed = cfg.SEED if cfg.SEED >= 0 else 0
         cls._last_sampler = sampler = ResumableTrainingSampler(len(dataset), seed=seed)
+        # the loader's own seed: otherwise its iterator draws a base seed from the global RNG
+        # when it starts, i.e. at a different iteration after a resume
         return build_detection_train_loader(
-            cfg, dataset=dataset, mapper=mapper, sampler=sampler)
+            cfg, dataset=dataset, mapper=mapper, sampler=sampler, seed=seed)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -86,6 +94,7 @@ class MAPSTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def __init__(self, cfg: CfgNode):
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # the writers open their files in it
         super().__init__(cfg)
         self._sampler = type(self)._last_sampler
 

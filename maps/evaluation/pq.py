@@ -399,6 +399,21 @@ def _load_json(source: Union[PathLike, Mapping[str, Any]], what: str) -> Mapping
     return data
 
 
+_ANNOTATION_FIELDS = ("image_id", "file_name", "segments_info")
+
+
+def _check_annotations(data: Mapping[str, Any], name: Any) -> None:
+    """Refuse an annotation without image_id / file_name / segments_info: scoring it as
+    "no segments" would give a plausible but wrong PQ instead of naming the broken file."""
+    for i, ann in enumerate(data["annotations"]):
+        missing = [k for k in _ANNOTATION_FIELDS if not isinstance(ann, Mapping) or k not in ann]
+        if missing:
+            raise DatasetError(
+                f"{name}: annotation #{i} lacks required field(s) {', '.join(missing)} "
+                f"(expected {', '.join(_ANNOTATION_FIELDS)})"
+            )
+
+
 def normalize_categories(categories: CategoriesLike) -> Categories:
     """Category list (COCO JSON) or id -> info mapping, as ``{int id: info}``."""
     if isinstance(categories, Mapping):
@@ -473,6 +488,8 @@ def pq_compute(
         if not os.path.isdir(folder):
             raise DatasetError(f"{what} not found: {folder}")
 
+    _check_annotations(gt, gt_name)
+    _check_annotations(pred, pred_name)
     pred_by_image: Dict[Any, Mapping[str, Any]] = {}
     for ann in pred["annotations"]:
         if ann.get("image_id") in pred_by_image:

@@ -22,22 +22,6 @@ class _Interrupted(RuntimeError):
     pass
 
 
-def _seeded_loader(monkeypatch) -> None:
-    """Stand-in for the fix reported to the lead (maps/engine/trainer.py): give the training
-    DataLoader its own generator (``build_detection_train_loader(..., seed=seed)``).
-
-    Without it, torch's DataLoader draws its base seed from the global torch RNG when its
-    iterator starts, which happens in the first run_step, after that iteration's reseed: at
-    iteration 0 of a fresh run but at the first iteration after a resume, so the resumed
-    run's torch draws (the criterion's point sampling: loss_mask, loss_dice) are shifted."""
-    import functools
-
-    import maps.engine.trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "build_detection_train_loader",
-                        functools.partial(trainer_module.build_detection_train_loader, seed=3))
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     from maps.data import generate_synthetic_dataset, register_synthetic
@@ -88,10 +72,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(dataset, tmp_pa
     from maps.engine.train import train
     from maps.engine.trainer import MAPSTrainer
 
-    # stand-in for the seeding train() lacks (see the xfail test below): the model's initial
-    # weights are drawn from the global RNG, which the first run leaves in another state
-    _seeded_loader(monkeypatch)
-    reseed_all(1234)
+    reseed_all(1234)  # a different global RNG state before each run must not matter
     straight = train(_cfg(dataset, tmp_path / "straight"))
 
     class StopAfter(HookBase):
@@ -102,7 +83,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(dataset, tmp_pa
     plain_hooks = MAPSTrainer.build_hooks
     monkeypatch.setattr(MAPSTrainer, "build_hooks",
                         lambda self: plain_hooks(self) + [StopAfter()])
-    reseed_all(1234)
+    reseed_all(99)
     with pytest.raises(_Interrupted):
         train(_cfg(dataset, tmp_path / "resumed"))
     monkeypatch.setattr(MAPSTrainer, "build_hooks", plain_hooks)
@@ -126,9 +107,6 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(dataset, tmp_pa
     assert resumed["iteration"] == MAX_ITER
 
 
-@pytest.mark.xfail(strict=True, reason="train() does not seed the global RNG from cfg.SEED "
-                   "before building the model: the initial weights depend on the process's "
-                   "RNG state (fix for maps/engine/train.py reported to the lead)")
 def test_same_seed_gives_same_initial_weights(dataset, tmp_path):
     """Two runs of one seed must start from the same weights, whatever ran before them."""
     from maps.engine.trainer import MAPSTrainer
@@ -140,9 +118,6 @@ def test_same_seed_gives_same_initial_weights(dataset, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.xfail(strict=True, reason="MAPSTrainer.build_train_loader builds the DataLoader "
-                   "without a generator (no seed=): its base-seed draw shifts the global torch "
-                   "RNG on the first iteration after a resume (fix reported to the lead)")
 def test_train_loader_has_its_own_generator(dataset, tmp_path):
     """The DataLoader must not draw from the global torch RNG that the reseed hook controls."""
     import torch.utils.data as torchdata

@@ -16,6 +16,7 @@ import torch
 from detectron2.utils.events import EventWriter, get_event_storage
 
 TINY = "experiments/configs/synthetic/tiny.yaml"
+OVERFIT_ITERS = 300  # the smallest of 200 / 300 that overfits robustly (see the slow test)
 
 
 def make_dataset(root: Path, prefix: str, num_train: int, num_val: int, size: int) -> None:
@@ -115,21 +116,24 @@ def test_training_run_loss_checkpoints_and_final_metrics(small_dataset, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tiny_config_overfits_a_handful_of_images(tmp_path, seed):
-    """200 iterations on 6 images, evaluated on those same images: PQ far above the untrained
-    model's (by hand, seeds 0/1/2: untrained 0.0; trained see the README of the tests)."""
+    """300 iterations on 6 images of 128 px, evaluated on those same images: PQ far above
+    the untrained model's. Measured by hand (same setup): untrained 0.0; after 200 iterations
+    32.3 / 19.9 / 38.1 for seeds 0 / 1 / 2 (not robust), after 300 iterations 40.1 / 47.1 /
+    57.7. About 300 x 0.2 s per seed on an idle core."""
     from maps.engine.train import train
     from maps.engine.trainer import MAPSTrainer
     from maps.evaluation import flatten_results
     from maps.modeling.build import build_model
 
     make_dataset(tmp_path / "synthetic", "ovf", 6, 1, 128)
-    cfg = tiny_cfg(tmp_path / "run", "ovf_train", "ovf_train", 128, 200,
-                   "TEST.EVAL_PERIOD", 200, "SOLVER.CHECKPOINT_PERIOD", 1000, seed=seed)
+    cfg = tiny_cfg(tmp_path / "run", "ovf_train", "ovf_train", 128, OVERFIT_ITERS,
+                   "TEST.EVAL_PERIOD", OVERFIT_ITERS, "SOLVER.CHECKPOINT_PERIOD", 10000, seed=seed)
     torch.manual_seed(seed)
     untrained = flatten_results(MAPSTrainer.test(cfg, build_model(cfg).eval()))["PQ"]
     recorder = LossRecorder()
     trained = train(cfg, writers=[recorder])["PQ"]
+    assert len(recorder.losses) == OVERFIT_ITERS
     assert sum(recorder.losses[-20:]) < 0.6 * sum(recorder.losses[:20])
     assert trained > untrained + 20.0, (trained, untrained)

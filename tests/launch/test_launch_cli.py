@@ -2,7 +2,7 @@
 import json
 import sys
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +16,10 @@ from maps.runstore import RunStore
 class ToyExperiment:
     name: str
     seeds: Tuple[int, ...] = (0, 1)
+    eval_of: Optional[str] = None
+
+    def memory_spec(self):
+        return None
 
     @property
     def canonical_name(self):

@@ -217,3 +217,24 @@ def test_failed_prerequisite_cancels_its_runs_and_is_rebuilt_on_retry(store, tmp
     assert retried.prerequisites[0]["action"] == "submitted"  # the dead build is not waited on
     status = wait_state(store, store.run_dir("orphan", 0), {"done", "failed"})
     assert status["state"] == "done" and store.read_final(store.run_dir("orphan", 0))["payload"] == "ok"
+
+
+def test_waiting_run_gets_an_afterok_on_the_run_it_waits_for(store):
+    train = toy("first", 0, STEPS=3, SLEEP=0.5)
+    evaluation = RunSpec("second", 0, json.dumps({"TOY": {"AFTER": str(store.run_dir("first", 0))}}),
+                         "maps.testing:toy_after", after=(("first", 0),))
+    report = launch([evaluation, train], "slurm", profile=PROFILE, store=store)
+    first_job = report.outcomes[1].job_id
+    second = store.run_dir("second", 0)
+    assert store.read_status(second)["dependency"] == f"afterok:{first_job}"
+    status = wait_state(store, second, {"done", "failed", "cancelled"})
+    assert status["state"] == "done", status
+    assert store.read_final(second)["after_PQ"] == final_metrics(0, 2)["PQ"]
+    # a second launch while the first run is queued waits on its job (not yet on the store)
+    third = RunSpec("second", 1, json.dumps({"TOY": {"AFTER": str(store.run_dir("first", 1))}}),
+                    "maps.testing:toy_after", after=(("first", 1),))
+    launch([toy("first", 1, STEPS=20, SLEEP=0.5)], "slurm", profile=PROFILE, store=store)
+    queued = store.read_status(store.run_dir("first", 1))["job_id"]
+    launch([third], "slurm", profile=PROFILE, store=store)
+    assert store.read_status(store.run_dir("second", 1))["dependency"] == f"afterok:{queued}"
+    assert wait_state(store, store.run_dir("second", 1), {"done", "failed", "cancelled"})["state"] == "done"
