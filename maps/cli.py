@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import warnings
 
 import click
 
@@ -17,12 +18,18 @@ from maps import __version__
 from maps.errors import MapsError
 
 
+# fvcore (via detectron2) scripts a function at import; torch 2.14 deprecates that loudly
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                        category=FutureWarning)
+
+
 class _MapsGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MapsError as e:
-            click.echo(f"error: {e}", err=True)
+            # one line, whatever the message quotes (a YAML parser's multi-line report, say)
+            click.echo("error: " + " ".join(str(e).split()), err=True)
             sys.exit(2)
 
 

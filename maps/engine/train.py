@@ -44,18 +44,25 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     from maps.engine.trainer import MAPSTrainer
     from maps.evaluation import flatten_results
 
+    memory = None
+    if cfg.MODEL.MAPS.ENABLED:
+        # checked before anything is written: a bad bank must not touch an existing run dir
+        # (bank present and complete, built with the configured encoders, caches of each set)
+        from maps.engine.trainer import memory_attacher_for
+        from maps.memory.wiring import bank_record
+
+        memory = {**bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
+                  "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
+                  "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)}
+        for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+            memory_attacher_for(cfg, name)
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
-    if cfg.MODEL.MAPS.ENABLED:
+    if memory is not None:
         # the run names the memory it read: bank path and manifest hash, neighbour caches
-        from maps.memory.wiring import bank_record
-
-        atomic_write_json(out / "memory.json", {
-            **bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
-            "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
-            "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)})
+        atomic_write_json(out / "memory.json", memory)
 
     MAPSTrainer.extra_writers = list(writers)
     MAPSTrainer.extra_hooks = list(hooks)
@@ -90,6 +97,8 @@ def run_training(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dic
     cfg.freeze()
     from maps.engine.wandb_writer import WandbWriter
 
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _setup_logging(str(run_dir))  # so that a W&B warning reaches log.txt too
     # tags (experiment, seed, table, git commit) come from the run's status.json
     writer = WandbWriter(run_dir, cfg)
     try:

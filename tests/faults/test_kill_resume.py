@@ -21,8 +21,8 @@ import pytest
 
 from .conftest import SMALL, TINY_CONFIG, maps_env
 
-# the maps command plus the two seeding stand-ins described in seeded_maps.py
-SEEDED_MAPS = [sys.executable, str(Path(__file__).with_name("seeded_maps.py"))]
+# the real `maps` command of this environment
+SEEDED_MAPS = [sys.executable, "-m", "maps"]
 
 MAX_ITER = 20
 KILLS = 10
