@@ -347,6 +347,14 @@ def _experiment(spec: SweepSpec, registry: Any = None) -> Any:
     return exp
 
 
+def _sweep_memory(spec: SweepSpec, registry: Any, base: Any) -> Optional[Dict[str, Any]]:
+    """The memory spec the trials train with, or None (memory off, or a task that does not
+    train the model, such as the toy objectives of the tests)."""
+    if spec.task != DEFAULT_TASK or not base.MODEL.MAPS.ENABLED:
+        return None
+    return _experiment(spec, registry).memory_spec()
+
+
 def base_config(spec: SweepSpec, registry: Any = None, seed: Optional[int] = None) -> Any:
     """The experiment's resolved config with the sweep's iterations and fixed overrides."""
     from maps.registry import _set_iterations, apply_overrides
@@ -713,6 +721,12 @@ class SweepWorker:
         spec = parse_sweep(self.spec)
         registry = load_registry(self.experiments_root, validate=False)
         base = base_config(spec, registry)
+        memory = _sweep_memory(spec, registry, base)
+        if memory is not None:
+            # built by the driver before any worker started (run_sweep)
+            from maps.memory.prepare import apply_memory, memory_dir
+
+            apply_memory(base, memory_dir(memory, self.runs_root))
         # its own random stream: per worker, and per invocation (the target differs)
         study = open_study(spec, self.storage_url, stream=1 + self.worker + 1009 * self.target)
         sdir = study_dir(self.runs_root, spec.name)
@@ -885,6 +899,13 @@ def run_sweep(spec: SweepSpec, trials: int, parallel: int = 1, executor: str = "
     if started == 0 and leftovers:
         raise SweepError(f"{sdir}: runs {', '.join(leftovers[:3])} belong to an earlier study named "
                          f"'{spec.name}' that is not in {storage}; move them away or rename the sweep")
+    memory = _sweep_memory(spec, registry, base_config(spec, registry))
+    if memory is not None:
+        # one bank and neighbour caches (k = 20, enough for every k and pool in a space)
+        # shared by all trials, built here once, as `maps launch` builds it for its runs
+        from maps.memory.prepare import memory_dir, normalize_spec, prepare_memory
+
+        prepare_memory(memory_dir(memory, runs_root), **normalize_spec(memory))
     if profile is None or isinstance(profile, (str, os.PathLike)):
         profile = load_profile(profile)
     ex = make_executor(executor, sdir / "workers", profile, name=f"sweep-{spec.name}")
