@@ -141,3 +141,19 @@ def test_each_worker_has_its_own_reproducible_random_stream():
     assert first_value(1) != first_value(2)
     assert first_value(0) == optuna.create_study(
         sampler=optuna.samplers.RandomSampler(seed=0)).ask().suggest_float("x", 0.0, 1.0)
+
+
+def test_a_training_study_of_a_maps_experiment_shares_one_memory_and_toys_need_none():
+    from maps.registry import load_registry
+    from maps.sweep import DEFAULT_TASK, _sweep_memory, base_config
+
+    registry = load_registry(REPO / "experiments", validate=False)
+    spec = load_sweep("synthetic_retrieval", REPO / "sweeps")
+    assert spec.task == DEFAULT_TASK
+    memory = _sweep_memory(spec, registry, base_config(spec, registry))
+    # the bank of the MAPS experiment, queried by its training and evaluation sets
+    assert memory["dataset"] == "synthetic_train"
+    assert set(memory["query_datasets"]) == {"synthetic_train", "synthetic_val"}
+    toy = toy_sweep()
+    assert _sweep_memory(parse_sweep(toy), registry,
+                         base_config(parse_sweep(toy), registry)) is None
