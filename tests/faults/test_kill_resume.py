@@ -1,8 +1,9 @@
 """A training run killed at random points resumes and ends exactly where an unbroken run ends.
 
 The run is the real ``maps train`` (tiny config, 64 px, 20 iterations, a checkpoint every 3),
-SIGKILLed 10 times at seeded random moments (during start-up, training, checkpoint writes or
-the final evaluation alike) and restarted each time with ``--resume``. On CPU with one thread
+SIGKILLed 10 times: half at seeded random moments of a whole run (start-up, training,
+checkpoint writes or the final evaluation alike), half at a seeded random moment shortly
+after the attempt's first new checkpoint and restarted each time with ``--resume``. On CPU with one thread
 and ``NUM_WORKERS 0`` training is deterministic (maps.engine.determinism), so the final
 metrics and every weight must equal those of an uninterrupted run of the same seed.
 """
@@ -45,6 +46,27 @@ def _start_iterations(log: Path) -> list:
     return [int(m) for m in re.findall(r"Starting training from iteration (\d+)", log.read_text())]
 
 
+def _alive_after(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+
+
+def _alive_after_new_checkpoint(proc: subprocess.Popen, run: Path, extra_s: float,
+                                timeout_s: float) -> bool:
+    """Wait until ``run``'s last_checkpoint names a newer file than now, then ``extra_s``."""
+    marker = run / "last_checkpoint"
+    before = marker.read_text() if marker.is_file() else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if marker.is_file() and marker.read_text() not in ("", before):
+            return _alive_after(proc, extra_s)
+        time.sleep(0.05)
+    return proc.poll() is None
+
+
 @pytest.mark.slow
 def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
     env = maps_env(datasets_root)
@@ -58,13 +80,16 @@ def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, 
     rng = random.Random(20260425)
     kills = 0
     while kills < KILLS:
-        # a uniform moment of a whole run: start-up, training, checkpointing and evaluation
-        delay = rng.uniform(0.5, reference_s)
         proc = subprocess.Popen(SEEDED_MAPS + _train(run, resume=True), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        if kills % 2 == 0:
+            # a uniform moment of a whole run: start-up, training, checkpointing, evaluation
+            alive = _alive_after(proc, rng.uniform(0.5, reference_s))
+        else:
+            # shortly after this attempt's first new checkpoint, whatever the start-up took
+            # (under load a time-only draw can land in start-up every time)
+            alive = _alive_after_new_checkpoint(proc, run, rng.uniform(0.0, 1.0), reference_s * 3)
+        if alive:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
