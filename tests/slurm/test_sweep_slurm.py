@@ -74,3 +74,41 @@ def test_two_slurm_workers_share_a_study_and_survive_a_killed_worker(tmp_path, m
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
     dead = store.read_status(store.run_dir("sweep/slurm-toy/trial2", 0))
     assert dead["state"] == "failed" and "no heartbeat" in dead["error"]
+
+
+def test_two_slurm_workers_run_a_real_maps_study_on_the_synthetic_dataset(tmp_path, monkeypatch):
+    """The shipped synthetic study, real training of the tiny MAPS model in 2 Slurm jobs, with
+    the memory (bank + neighbour caches) built once by the driver before the workers start."""
+    import math
+
+    from maps.data import generate_synthetic_dataset, register_synthetic
+    from maps.sweep import load_sweep
+
+    root = tmp_path / "datasets"
+    generate_synthetic_dataset(root / "synthetic", num_train=8, num_val=2, size=128, seed=0,
+                               progress=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))  # exported to the jobs by sbatch
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    register_synthetic("synthetic", str(root / "synthetic"))
+    shipped = load_sweep("synthetic_retrieval", root=PROFILE.parents[2] / "sweeps")
+    # 8 memory images, self excluded: at most 7 neighbours per training image
+    spec = parse_sweep({**shipped.to_dict(), "iterations": 4, "pruner": "none",
+                        "overrides": {**shipped.overrides, "TEST.EVAL_PERIOD": 2,
+                                      "SOLVER.CHECKPOINT_PERIOD": 1000},
+                        "space": {**shipped.to_dict()["space"],
+                                  "MODEL.MAPS.NUM_RETRIEVED": {"type": "int", "low": 1, "high": 5}}})
+    runs = tmp_path / "runs"
+    result = run_sweep(spec, trials=2, parallel=2, executor="slurm", profile=PROFILE, runs_root=runs)
+    assert result.worker_errors == [], result.worker_errors
+    study = open_study(spec, result.storage)
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    store = RunStore(runs)
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE
+        run_dir = store.run_dir(f"sweep/{spec.name}/trial{t.number}", 0)
+        final = store.read_final(run_dir)
+        assert final["iteration"] == 4 and t.values == [final["PQ"]] and math.isfinite(final["PQ"])
+        assert (run_dir / "memory.json").is_file()  # trained with the driver-built memory
+        assert "_" in store.read_status(run_dir)["job_id"]  # a task of the workers' array
+    assert len(list((runs / "_memory").iterdir())) == 1  # one bank for the whole study
