@@ -459,6 +459,11 @@ def check_maps_values(cfg: "CfgNode") -> List[Tuple[str, str]]:
                              f"(the decoder has {n_layers} layers: DEC_LAYERS - 1)"))
         elif len(set(layers)) != len(layers):
             problems.append((f"MODEL.MAPS.{key}", f"repeated layer index in {layers}"))
+    shared = sorted(set(m.SCENE_LAYERS) & set(m.OBJECT_LAYERS))
+    if m.ENABLED and shared:
+        # the decoder refuses it too, but only when the model is built (in a job)
+        problems.append(("MODEL.MAPS.SCENE_LAYERS", f"layers {shared} are also in OBJECT_LAYERS "
+                         f"{list(m.OBJECT_LAYERS)}: a decoder layer takes at most one memory"))
     for key in ("INPUT_MASKING_PROB", "LAYER_MASKING_PROB"):
         p = m[key]
         if not 0.0 <= p <= 1.0:

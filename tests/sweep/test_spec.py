@@ -157,3 +157,11 @@ def test_a_training_study_of_a_maps_experiment_shares_one_memory_and_toys_need_n
     toy = toy_sweep()
     assert _sweep_memory(parse_sweep(toy), registry,
                          base_config(parse_sweep(toy), registry)) is None
+
+
+def test_a_layer_choice_that_overlaps_the_other_memory_fails_before_any_worker(runs_root):
+    spec = parse_sweep(toy_sweep(space={
+        "MODEL.MAPS.SCENE_LAYERS": {"type": "categorical", "choices": [[0, 1, 2], [1, 2, 3]]}}))
+    with pytest.raises(SweepError, match=r"value \[1, 2, 3\].*also in OBJECT_LAYERS"):
+        run_sweep(spec, trials=1, runs_root=runs_root)
+    assert not (runs_root / "sweep").exists()
