@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -99,7 +100,7 @@ class RunIndex:
         return sum(len(v) for v in self.runs.values())
 
 
-class RunSource:
+class RunSource(ABC):
     """Base of the report's sources. ``index()`` reads once and caches."""
 
     #: how a table names its source (``run store runs/``, ``W&B entity/project``)
@@ -114,12 +115,13 @@ class RunSource:
             self._index = self._collect(set(known or ()))
         return self._index
 
-    def _collect(self, known: set) -> RunIndex:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _collect(self, known: set) -> RunIndex:
+        """Read every run of the source."""
 
+    @abstractmethod
     def history(self, experiment: str, seed: int) -> List[Dict[str, Any]]:
         """Per-iteration records of one run (``iteration`` plus metric keys), in order."""
-        raise NotImplementedError
 
 
 def _finite_numbers(record: Mapping[str, Any]) -> Dict[str, float]:
@@ -213,7 +215,7 @@ def _strip_path(message: str, run_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # W&B
 # ----------------------------------------------------------------------------------------------
-class WandbApiAdapter:
+class WandbApiAdapter(ABC):
     """The slice of ``wandb.Api`` the report uses: ``runs(path, filters)``.
 
     Each run has ``name``, ``id``, ``tags``, ``config`` (dict), ``summary`` (mapping),
@@ -221,8 +223,9 @@ class WandbApiAdapter:
     objects do. :class:`LiveWandbApi` calls W&B; :class:`RecordedWandbApi` replays JSON.
     """
 
+    @abstractmethod
     def runs(self, path: str, filters: Optional[Mapping[str, Any]] = None) -> Iterable[Any]:
-        raise NotImplementedError
+        """The runs of ``entity/project`` matching ``filters``."""
 
 
 class LiveWandbApi(WandbApiAdapter):

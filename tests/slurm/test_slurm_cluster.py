@@ -19,21 +19,11 @@ from maps.launch import ClusterProfile, PrereqSpec, RunSpec, launch, load_profil
 from maps.runstore import RunStore, read_metrics
 from maps.testing import ATTEMPTS, final_metrics
 
+from slurm_waits import wait_state, wait_until  # noqa: E402
+
 pytestmark = pytest.mark.slurm
 
 PROFILE = Path(__file__).resolve().parents[2] / "slurm" / "profiles" / "local-ci.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    """Fail (not skip) when the test cluster is not up: these tests were asked for by -m slurm."""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        pytest.fail("Slurm is not installed: run `bash slurm/start.sh` (as root) first")
-    if out.returncode != 0 or not set(out.stdout.split()) & {"idle", "mixed", "allocated"}:
-        pytest.fail(f"the Slurm test cluster is not ready (sinfo: {out.stdout.strip() or out.stderr.strip()}): "
-                    "run `bash slurm/start.sh` first")
 
 
 @pytest.fixture
@@ -43,24 +33,6 @@ def store(tmp_path):
 
 def toy(experiment, seed, task="maps.testing:toy_train", **knobs):
     return RunSpec(experiment, seed, json.dumps({"TOY": knobs}), task)
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-
-
-def wait_state(store, run, states, timeout=120):
-    def check():
-        status = store.read_status(run) or {}
-        return status if status.get("state") in states else None
-    return wait_until(check, timeout, f"{run} to be {states} (now {(store.read_status(run) or {}).get('state')})")
 
 
 def attempts(run):

@@ -12,7 +12,6 @@ its checkpoint and ends with the weights and metrics of a run that was never int
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,9 @@ import torch
 from maps.launch import ClusterProfile, RunSpec, launch, reconcile, slurm_job_states
 from maps.runstore import RunStore
 
+from slurm_waits import wait_state, wait_until  # noqa: E402
+
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        pytest.fail("Slurm is not installed: run `bash slurm/start.sh` (as root) first")
-    if out.returncode != 0 or not set(out.stdout.split()) & {"idle", "mixed", "allocated"}:
-        pytest.fail(f"the Slurm test cluster is not ready ({out.stdout.strip() or out.stderr.strip()})")
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +65,6 @@ def grid_specs(store, selector="synthetic/table7/no-memory,synthetic/main/mask2f
     for s in specs:
         shrink(s.config)
     return specs
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-
-
-def wait_state(store, run, states, timeout=300):
-    def check():
-        status = store.read_status(run) or {}
-        return status if status.get("state") in states else None
-    return wait_until(check, timeout, f"{run} to be {states} (now {(store.read_status(run) or {}).get('state')})")
 
 
 def test_grid_builds_memory_first_then_trains_and_evaluates(env):
