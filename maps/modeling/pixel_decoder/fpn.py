@@ -15,7 +15,20 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
-__all__ = ["BasePixelDecoder"]
+__all__ = ["BasePixelDecoder", "lateral_and_output_convs"]
+
+
+def lateral_and_output_convs(in_channels: int, conv_dim: int, norm: str):
+    """One FPN level: a 1x1 lateral conv and a 3x3 output conv, Xavier-initialised (Mask2Former's
+    FPN step, shared by both pixel decoders)."""
+    use_bias = norm == ""
+    lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias,
+                     norm=get_norm(norm, conv_dim))
+    output = Conv2d(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1,
+                    bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu)
+    weight_init.c2_xavier_fill(lateral)
+    weight_init.c2_xavier_fill(output)
+    return lateral, output
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -42,12 +55,7 @@ class BasePixelDecoder(nn.Module):
                 lateral_convs.append(None)
                 output_convs.append(output)
             else:
-                lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias,
-                                 norm=get_norm(norm, conv_dim))
-                output = Conv2d(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1,
-                                bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu)
-                weight_init.c2_xavier_fill(lateral)
-                weight_init.c2_xavier_fill(output)
+                lateral, output = lateral_and_output_convs(in_channels, conv_dim, norm)
                 self.add_module(f"adapter_{idx + 1}", lateral)
                 self.add_module(f"layer_{idx + 1}", output)
                 lateral_convs.append(lateral)

@@ -20,6 +20,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import Tensor, nn
 
+from maps.modeling.pixel_decoder.fpn import lateral_and_output_convs
 from maps.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
 from maps.modeling.position_encoding import PositionEmbeddingSine
 
@@ -195,15 +196,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # FPN levels between the finest encoder level and common_stride (res2 for R50)
         self.num_fpn_levels = int(np.log2(min(self.transformer_feature_strides))
                                   - np.log2(common_stride))
-        use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias,
-                             norm=get_norm(norm, conv_dim))
-            output = Conv2d(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1,
-                            bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu)
-            weight_init.c2_xavier_fill(lateral)
-            weight_init.c2_xavier_fill(output)
+            lateral, output = lateral_and_output_convs(in_channels, conv_dim, norm)
             self.add_module(f"adapter_{idx + 1}", lateral)
             self.add_module(f"layer_{idx + 1}", output)
             lateral_convs.append(lateral)
