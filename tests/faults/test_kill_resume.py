@@ -6,6 +6,8 @@ checkpoint writes or the final evaluation alike), half at a seeded random moment
 after the attempt's first new checkpoint and restarted each time with ``--resume``. On CPU with one thread
 and ``NUM_WORKERS 0`` training is deterministic (maps.engine.determinism), so the final
 metrics and every weight must equal those of an uninterrupted run of the same seed.
+An attempt that finishes before its kill time ends a run to completion, which is compared
+with the reference there and then before the next one starts from nothing.
 """
 from __future__ import annotations
 
@@ -67,6 +69,21 @@ def _alive_after_new_checkpoint(proc: subprocess.Popen, run: Path, extra_s: floa
     return proc.poll() is None
 
 
+def _assert_matches_reference(run: Path, ref: Path, starts: list) -> None:
+    """``run`` ended exactly where the uninterrupted ``ref`` ended: final metrics, every weight,
+    and each iteration logged once in metrics.json."""
+    assert json.loads((run / "final.json").read_text()) == json.loads((ref / "final.json").read_text())
+    got, want = _weights(run / "model_final.pth"), _weights(ref / "model_final.pth")
+    assert got.keys() == want.keys()
+    diff = {k for k in want if not bool((got[k] == want[k]).all())}
+    assert not diff, f"weights differ from the uninterrupted run: {sorted(diff)[:5]} (starts {starts})"
+    # metrics.json has each iteration once after read_metrics' de-duplication, in order
+    from maps.runstore import read_metrics
+
+    its = [m["iteration"] for m in read_metrics(run) if "total_loss" in m]
+    assert its == sorted(set(its)) and its[-1] == MAX_ITER - 1
+
+
 @pytest.mark.slow
 def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, tmp_path):
     env = maps_env(datasets_root)
@@ -79,6 +96,7 @@ def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, 
     run = tmp_path / "killed"
     rng = random.Random(20260425)
     kills = 0
+    resumed_from = []  # every attempt's start iteration, over all runs to completion
     while kills < KILLS:
         proc = subprocess.Popen(SEEDED_MAPS + _train(run, resume=True), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,23 +112,25 @@ def test_sigkill_ten_times_then_resume_matches_uninterrupted_run(datasets_root, 
             proc.wait()
             kills += 1
             continue
-        # it finished before its kill time: start again from nothing, the kills are what we test
+        # it finished before its kill time: this run to completion (kills and resumes so far)
+        # must already equal the reference; then start again from nothing, the kills are what
+        # we test
         assert proc.returncode == 0
+        starts = _start_iterations(run / "log.txt")
+        _assert_matches_reference(run, ref, starts)
+        resumed_from += starts
         for p in sorted(run.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
     final = subprocess.run(SEEDED_MAPS + _train(run, resume=True), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-3000:]
 
     starts = _start_iterations(run / "log.txt")
-    print(f"reference {reference_s:.1f} s; attempts started at iterations {starts}")
-    assert len([s for s in starts if s > 0]) >= 2, f"too few kills after a checkpoint: starts {starts}"
-    assert json.loads((run / "final.json").read_text()) == json.loads((ref / "final.json").read_text())
-    got, want = _weights(run / "model_final.pth"), _weights(ref / "model_final.pth")
-    assert got.keys() == want.keys()
-    diff = {k for k in want if not bool((got[k] == want[k]).all())}
-    assert not diff, f"weights differ from the uninterrupted run: {sorted(diff)[:5]} (starts {starts})"
-    # metrics.json has each iteration once after read_metrics' de-duplication, in order
-    from maps.runstore import read_metrics
-
-    its = [m["iteration"] for m in read_metrics(run) if "total_loss" in m]
-    assert its == sorted(set(its)) and its[-1] == MAX_ITER - 1
+    resumed_from += starts
+    print(f"reference {reference_s:.1f} s; attempts started at iterations {resumed_from} "
+          f"(last run: {starts})")
+    _assert_matches_reference(run, ref, starts)
+    # the odd-numbered kills each come after a new checkpoint, so attempts resumed mid-run
+    # (whichever run to completion they fell in; fewer than KILLS // 2 only when a wait for a
+    # new checkpoint timed out under load)
+    assert len([s for s in resumed_from if s > 0]) >= 2, \
+        f"too few resumptions from a checkpoint: starts {resumed_from}"
