@@ -13,7 +13,7 @@ same launcher and run store as ``maps demo``, and reports:
 One thread per training, ``--parallel`` trainings at a time (2 on 2 cores). Reruns reuse
 finished runs (the run store), so an interrupted benchmark continues where it stopped.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_gain.py                 # ~40 min here
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_gain.py   # the README's result, ~30 min here
     .venv/bin/python benchmarks/memory_gain.py --seeds 2 --iterations 50         # smoke
 """
 from __future__ import annotations
@@ -80,9 +80,9 @@ def render(rows: Dict[str, Dict[str, Any]], retrieval: Any, meta: Dict[str, Any]
 
 @click.command()
 @click.option("--seeds", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--iterations", type=click.IntRange(min=1), default=600, show_default=True)
-@click.option("--train-images", type=click.IntRange(min=1), default=600, show_default=True)
-@click.option("--val-images", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--train-images", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--val-images", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--root", type=click.Path(file_okay=False), default="runs/benchmarks/memory_gain",
               show_default=True, help="Dataset, memory and run store of the benchmark.")
@@ -92,9 +92,9 @@ def main(seeds: int, iterations: int, train_images: int, val_images: int, parall
          root: str, out: str) -> None:
     from rich.console import Console
 
-    from maps.demo import (DemoSize, configure_environment, ensure_dataset, ensure_memory,
-                           launch_with_progress, memory_spec, register_dataset, resized_experiment,
-                           run_specs, same_scene_rate, scenes_of)
+    from maps.demo import (DemoSize, configure_environment, drop_stale_products, ensure_dataset,
+                           ensure_memory, launch_with_progress, memory_spec, register_dataset,
+                           resized_experiment, run_specs, same_scene_rate, scenes_of)
     from maps.registry import load_registry
     from maps.runstore import RunStore
 
@@ -103,7 +103,9 @@ def main(seeds: int, iterations: int, train_images: int, val_images: int, parall
     size = DemoSize(train_images, val_images, iterations, tuple(range(seeds)), evals=1)
     root_p = Path(root).absolute()
     configure_environment(root_p / "datasets")
-    dataset_root, _ = ensure_dataset(root_p / "datasets" / "synthetic", size)
+    dataset_root, made = ensure_dataset(root_p / "datasets" / "synthetic", size)
+    if made:
+        drop_stale_products(root_p / "runs", console.print)
     register_dataset(dataset_root)
     registry = load_registry()
     exps = [registry.get(BASELINE), registry.get(MEMORY)]

@@ -91,17 +91,34 @@ def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = T
     (re)generated. Returns (root, generated)."""
     from maps.data.synthetic import MANIFEST_NAME, generate_synthetic_dataset, read_manifest
 
+    from maps.errors import DatasetError
+
     root = Path(root).absolute()
     want = {"train": size.train_images, "val": size.val_images}
     if (root / MANIFEST_NAME).is_file():
-        manifest = read_manifest(root)
-        have = {split: (n or {}).get("images") for split, n in (manifest.get("splits") or {}).items()}
-        if have == want and manifest.get("seed") == seed:
-            return root, False
-        logger.info("%s holds another dataset (%s); regenerating", root, manifest.get("splits"))
+        try:
+            manifest = read_manifest(root)
+        except DatasetError as e:  # another format version: drawn by an older maps
+            logger.info("%s; regenerating", e)
+        else:
+            have = {split: (n or {}).get("images") for split, n in (manifest.get("splits") or {}).items()}
+            if have == want and manifest.get("seed") == seed:
+                return root, False
+            logger.info("%s holds another dataset (%s); regenerating", root, manifest.get("splits"))
     generate_synthetic_dataset(root, size.train_images, size.val_images, seed=seed,
                                overwrite=True, progress=progress)
     return root, True
+
+
+def drop_stale_products(runs_root: Path, say: Callable[[str], None] = print) -> None:
+    """After the dataset under ``runs_root`` was (re)generated, its memory and finished runs
+    describe other images: remove them, so they are rebuilt and retrained, not reused."""
+    from maps.memory.prepare import MEMORY_SUBDIR
+
+    for stale in (Path(runs_root) / MEMORY_SUBDIR, Path(runs_root) / "synthetic"):
+        if stale.exists():
+            say(f"      the dataset changed: removing {stale} (built from the previous one)")
+            shutil.rmtree(stale)
 
 
 def register_dataset(root: Path) -> None:
@@ -429,6 +446,8 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
     say(f"[1/5] synthetic dataset: {size.train_images} train / {size.val_images} val images")
     dataset_root, made = ensure_dataset(datasets_root / "synthetic", size)
     say(f"      {'generated' if made else 'reused'} {dataset_root}")
+    if made:
+        drop_stale_products(runs_root, say)
     register_dataset(dataset_root)
 
     registry = load_registry()

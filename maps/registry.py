@@ -215,8 +215,9 @@ class Experiment:
         mem = cfg.MODEL.MAPS.MEMORY
         return {"dataset": self.memory_dataset, "key_encoder": mem.KEY_ENCODER,
                 "key_arch": mem.KEY_ARCH, "dense": mem.DENSE, "weights": mem.WEIGHTS,
-                "seed": int(mem.SEED), "query_datasets": list(cfg.DATASETS.TRAIN)
-                + list(cfg.DATASETS.TEST)}
+                "dense_arch": mem.DENSE_ARCH, "dense_weights": mem.DENSE_WEIGHTS,
+                "index": mem.INDEX, "seed": int(mem.SEED),
+                "query_datasets": list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)}
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready description (what ``maps list --json`` prints)."""

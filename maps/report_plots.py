@@ -48,8 +48,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_curves(table: Table, source: RunSource, path: Path) -> Optional[Path]:
-    """Evaluation metrics over iterations for every run of ``table``; None if nothing to plot."""
+def plot_curves(table: Table, source: RunSource, path: Path,
+                warnings: Optional[List[str]] = None) -> Optional[Path]:
+    """Evaluation metrics over iterations for every run of ``table``; None if nothing to plot.
+    A run whose history cannot be read (a corrupt metrics.json) is left out of the plot and
+    named in ``warnings``."""
+    from maps.errors import MapsError
+
     metrics = [m for m in table.columns if m in TESTED_METRICS]
     series: Dict[str, Dict[str, List[Tuple[List[int], List[float]]]]] = {}
     seen = set()
@@ -60,7 +65,12 @@ def plot_curves(table: Table, source: RunSource, path: Path) -> Optional[Path]:
         for seed in sorted(row.runs):
             if row.runs[seed] in ("not launched",):
                 continue
-            records = source.history(row.run_of, seed)
+            try:
+                records = source.history(row.run_of, seed)
+            except MapsError as e:
+                if warnings is not None and f"{e}; curve skipped" not in warnings:
+                    warnings.append(f"{e}; curve skipped")
+                continue
             for m in metrics:
                 xs, ys = metric_curve(records, m)
                 if xs:
@@ -140,7 +150,8 @@ def write_plots(report: Any, source: RunSource, registry: Any, out_dir: Any) -> 
     written = []
     for table in report.tables:
         folder = Path(out_dir) / table.suite
-        p = plot_curves(table, source, folder / f"table{table.number}_curves.png")
+        p = plot_curves(table, source, folder / f"table{table.number}_curves.png",
+                        warnings=report.warnings)
         if p is not None:
             written.append(p)
         if table.number == 8:

@@ -185,12 +185,9 @@ class RunStoreSource(RunSource):
         return index
 
     def history(self, experiment: str, seed: int) -> List[Dict[str, Any]]:
-        from maps.runstore import RunStoreError
-
-        try:
-            return self.store.read_metrics(self.store.run_dir(experiment, seed))
-        except RunStoreError:
-            return []
+        # a corrupt metrics.json raises RunStoreError (naming the file and line); the caller
+        # reports it and skips the curve
+        return self.store.read_metrics(self.store.run_dir(experiment, seed))
 
 
 def _run_dirs(root: Path, status_file: str) -> Iterator[Path]:

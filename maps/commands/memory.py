@@ -62,8 +62,9 @@ def build(dataset, out, encoder, arch, dense, dense_arch, weights, dense_weights
               help="Neighbours per image (>= NUM_RETRIEVED, or POOL_SIZE with random sampling).")
 @click.option("--search", type=click.Choice(["exact", "hnsw"]), default="exact",
               show_default=True)
-@click.option("--first-pass", type=click.Choice(["auto", "fp32", "bf16", "pca"]),
-              default="auto", show_default=True, help="Candidate pass of exact search.")
+@click.option("--first-pass", type=click.Choice(["auto", "fp32", "bf16", "pca", "ivf"]),
+              default="auto", show_default=True,
+              help="Candidate pass of exact search (ivf: inverted file, approximate).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 def neighbors(bank, dataset, out, k, search, first_pass, batch_size) -> None:
     """Nearest memory images of every image of a dataset (its own image excluded)."""

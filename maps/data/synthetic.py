@@ -6,7 +6,9 @@ takes. Why *context*: MAPS helps when retrieved images tell the model what kind 
 looking at. So each image is one of a few scene types with its own stuff layout and its own
 distribution over things, and two pairs of thing classes are drawn identically (``car`` /
 ``boat`` and ``dog`` / ``cat``): the pixels of such an object do not say which class it is,
-the scene around it (road or water, street or kitchen) does.
+the scene does. The ground cars and boats stand on is ambiguous too: ``road`` and ``water``
+are painted alike (format version 2), so only the rest of the scene (a facade above a
+street, a grassy bank above a lake) tells road from water and a car from a boat.
 
 Layout written by :func:`generate_synthetic_dataset` (``<split>`` is ``train`` or ``val``)::
 
@@ -49,7 +51,7 @@ __all__ = [
     "read_manifest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: road and water painted alike (look-alike stuff)
 MANIFEST_NAME = "maps_synthetic.json"
 SPLITS = ("train", "val")
 # image ids of a split start here, so that train and val ids never collide whatever their sizes
@@ -95,6 +97,12 @@ _STUFF: Tuple[Tuple[int, str, Tuple[int, int, int]], ...] = (
     (25, "water", (0, 60, 200)),
     (26, "grass", (107, 142, 35)),
 )
+# What a stuff class is painted with, where it differs from its visualisation colour: road
+# and water are look-alike stuff (same paint, same ripple texture, see _stuff_texture), so
+# that neither the ground under a car / boat nor the object itself gives its class away.
+_LOOK_ALIKE_GROUND = (96, 84, 132)
+_STUFF_PAINT: Dict[str, Tuple[int, int, int]] = {"road": _LOOK_ALIKE_GROUND,
+                                                  "water": _LOOK_ALIKE_GROUND}
 
 SYNTHETIC_CATEGORIES: List[Dict] = [
     {"id": t.id, "name": t.name, "isthing": 1, "color": list(t.color),
@@ -235,7 +243,7 @@ def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator
     """(H, W, 3) float colour field of one stuff class, with a scene-specific texture."""
     s = cv.size
     y, x = cv.yf / s, cv.xf / s
-    base = np.array(dict((n, c) for _, n, c in _STUFF)[stuff], np.float32)
+    base = np.array(_STUFF_PAINT.get(stuff) or dict((n, c) for _, n, c in _STUFF)[stuff], np.float32)
     shade = np.zeros((s, s), np.float32)
     if stuff == "sky":
         shade = shade + 60.0 * (0.5 - y)  # lighter towards the horizon
@@ -245,9 +253,7 @@ def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator
         shade = shade - 45.0 * ((np.mod(cv.xf + 5, 20) < 8) & (np.mod(cv.yf, 18) < 9))
     elif stuff == "floor":  # checkerboard
         shade = shade + 30.0 * ((np.floor(cv.xf / 12) + np.floor(cv.yf / 12)) % 2 - 0.5)
-    elif stuff == "road":  # dashed lane mark
-        shade = shade + 90.0 * ((np.abs(cv.yf - 0.82 * s) < 1.5) & (np.mod(cv.xf, 24) < 12))
-    elif stuff == "water":  # ripples
+    elif stuff in ("road", "water"):  # look-alike ground: the same ripples on both
         phase = rng.uniform(0, 2 * np.pi)
         shade = shade + 25.0 * np.sin(2 * np.pi * 9 * y + phase + 3 * np.sin(2 * np.pi * x))
     elif stuff == "grass":

@@ -182,6 +182,10 @@ def test_look_alike_classes_share_their_appearance(scenes):
     assert np.abs(mean[car] - mean[boat]).max() < 12
     assert np.abs(mean[dog] - mean[cat]).max() < 12
     assert np.abs(mean[car] - mean[person]).max() > 40
+    # and so do the grounds they stand on: road and water (format version 2)
+    road, water, grass = (CAT_BY_NAME[n]["id"] for n in ("road", "water", "grass"))
+    assert np.abs(mean[road] - mean[water]).max() < 12
+    assert np.abs(mean[road] - mean[grass]).max() > 40
 
 
 def test_render_is_a_pure_function_of_the_rng():

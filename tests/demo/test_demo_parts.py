@@ -5,8 +5,8 @@ import os
 import pytest
 
 from maps.demo import (DEMO_EXPERIMENTS, QUICK, DemoSize, configure_environment, demo_registry,
-                       ensure_dataset, memory_spec, resized_experiment, run_specs, same_scene_rate,
-                       scenes_of)
+                       drop_stale_products, ensure_dataset, memory_spec, resized_experiment,
+                       run_specs, same_scene_rate, scenes_of)
 from maps.errors import DatasetError
 from maps.registry import load_registry
 
@@ -63,6 +63,26 @@ def test_ensure_dataset_generates_then_reuses_then_regenerates_on_new_sizes(tmp_
     assert ensure_dataset(root, size, progress=False) == (root, False)
     root, made = ensure_dataset(root, DemoSize(4, 2, 2), progress=False)
     assert made and len(scenes_of(root, "train")) == 4
+
+
+def test_dataset_of_an_older_format_is_redrawn_and_what_was_built_from_it_dropped(tmp_path):
+    size = DemoSize(train_images=3, val_images=2, iterations=2)
+    root, _ = ensure_dataset(tmp_path / "datasets/synthetic", size, progress=False)
+    manifest = json.loads((root / "maps_synthetic.json").read_text())
+    (root / "maps_synthetic.json").write_text(json.dumps({**manifest, "version": 1}))
+    stale = [tmp_path / "_memory/bank/manifest.json", tmp_path / "synthetic/main/maps/seed0/final.json"]
+    for path in stale:
+        path.parent.mkdir(parents=True)
+        path.write_text("{}")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    root, made = ensure_dataset(root, size, progress=False)
+    assert made and json.loads((root / "maps_synthetic.json").read_text())["version"] == manifest["version"]
+    said = []
+    drop_stale_products(tmp_path, said.append)
+    assert not (tmp_path / "_memory").exists() and not (tmp_path / "synthetic").exists()
+    assert keep.read_text() == "mine" and (root / "maps_synthetic.json").is_file()
+    assert len(said) == 2 and all("the dataset changed: removing" in line for line in said)
 
 
 def test_configure_environment_sets_one_thread_and_offline_wandb(tmp_path, monkeypatch):

@@ -147,3 +147,52 @@ def test_blocked_topk_agrees_with_faiss_flat(first_pass):
     assert agree >= (1.0 if first_pass == "fp32" else 0.99)
     np.testing.assert_allclose(s[:, 0], np.sort(fs, 1)[:, ::-1][np.arange(500),
                                (fr[:, 0] == own).astype(int)], atol=1e-5)
+
+
+def _recall(a, b, k=5):
+    return np.mean([len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a, b)])
+
+
+def test_ivf_probing_every_list_is_exact():
+    keys = _clustered(3000, 128, seed=2)  # wider than IVF_DIM: the probes use the projection
+    own = np.arange(3000)
+    es, er = blocked_topk(keys, keys, 5, exclude=own, first_pass="fp32")
+    s, r = blocked_topk(keys, keys, 5, exclude=own, first_pass="ivf", nlist=16, nprobe=16)
+    np.testing.assert_allclose(s, es, atol=1e-5)
+    # rows agree wherever the scores are not tied to within rounding
+    tied = np.abs(es[:, :, None] - es[:, None, :]) < 1e-5
+    assert ((r == er) | (tied.sum(2) > 1)).all()
+    # queries that are not the keys, some without an excluded row
+    q = _unit(keys[:400] + 0.01)
+    ex = np.where(np.arange(400) % 2 == 0, np.arange(400), -1)
+    es, er = blocked_topk(keys, q, 5, exclude=ex, first_pass="fp32")
+    s, r = blocked_topk(keys, q, 5, exclude=ex, first_pass="ivf", nlist=16, nprobe=16)
+    np.testing.assert_allclose(s, es, atol=1e-5)
+    assert _recall(r, er) == 1.0
+    assert not (r[::2] == ex[::2, None]).any()
+
+
+def test_ivf_default_recall_self_exclusion_and_determinism():
+    keys = _clustered(4000, 128, seed=3)
+    keys[7] = keys[3]  # a duplicate under another row: found, by identity not by score
+    own = np.arange(4000)
+    _, er = blocked_topk(keys, keys, 5, exclude=own, first_pass="fp32")
+    s, r = blocked_topk(keys, keys, 5, exclude=own, first_pass="ivf")
+    assert s.dtype == np.float32 and r.dtype == np.int64 and r.shape == (4000, 5)
+    assert not (r == own[:, None]).any()
+    assert r[3, 0] == 7 and r[7, 0] == 3
+    assert (np.diff(s, axis=1) <= 0).all()
+    assert _recall(r, er) >= 0.99
+    s2, r2 = blocked_topk(keys, keys, 5, exclude=own, first_pass="ivf")
+    np.testing.assert_array_equal(r, r2)
+    np.testing.assert_array_equal(s, s2)
+
+
+def test_ivf_tiny_bank():
+    keys = _clustered(10, 16, seed=4)
+    own = np.arange(10)
+    es, er = blocked_topk(keys, keys, 5, exclude=own, first_pass="fp32")
+    s, r = blocked_topk(keys, keys, 5, exclude=own, first_pass="ivf")
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_allclose(s, es, atol=1e-6)
+    assert not (r == own[:, None]).any()

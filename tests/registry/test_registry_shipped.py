@@ -181,3 +181,18 @@ def test_memory_specs_group_runs_by_bank(shipped):
     dino = shipped.get("ade20k/table6/dino-image").memory_spec()
     assert dino["dense"] == "dino" and dino != maps
     assert shipped.get("synthetic/main/maps").memory_spec()["dataset"] == "synthetic_train"
+
+
+@pytest.mark.parametrize("key, value", [("MODEL.MAPS.MEMORY.DENSE_ARCH", "ViT-L-14"),
+                                        ("MODEL.MAPS.MEMORY.DENSE_WEIGHTS", "/ckpt/dense.pt"),
+                                        ("MODEL.MAPS.MEMORY.INDEX", "flat")])
+def test_every_memory_key_that_changes_the_bank_changes_its_spec(shipped, key, value, tmp_path):
+    """Two runs share a bank only when every key the bank is built from is equal."""
+    import dataclasses
+
+    from maps.memory.prepare import memory_dir
+
+    base = shipped.get("synthetic/main/maps")
+    other = dataclasses.replace(base, overrides={**base.overrides, key: value})
+    assert other.memory_spec() != base.memory_spec()
+    assert memory_dir(other.memory_spec(), tmp_path, "/d") != memory_dir(base.memory_spec(), tmp_path, "/d")

@@ -41,6 +41,24 @@ def test_tables_command_writes_md_tex_csv_and_plots(tmp_path):
     assert "is not in the registry" in result.stderr
 
 
+def test_corrupt_metrics_json_is_named_and_its_curve_skipped(tmp_path):
+    _store(tmp_path / "runs")
+    bad = tmp_path / "runs/synthetic/table8/k1/seed1/metrics.json"
+    before = bad.read_text().splitlines()
+    bad.write_text("\n".join([before[0], '{"iteration": 7, "panoptic_seg/PQ": ', before[1]]) + "\n")
+    out = tmp_path / "results"
+    result = _invoke(["--suite", "synthetic", "--table", "8", "--runs-root", str(tmp_path / "runs"),
+                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # the numbers come from final.json, so the row is complete; only the curve is left out
+    assert "| 1 | 23.5 ± 0.5 (n=3)" in result.stdout
+    assert (out / "synthetic/table8_curves.png").read_bytes()[:8] == PNG_MAGIC
+    warned = [line for line in result.stderr.splitlines() if str(bad) in line]
+    assert warned == [f"warning: {bad}: line 2 is not valid JSON (Expecting value: line 1 column 37 "
+                      f"(char 36)); curve skipped"]
+    assert bad.read_text().count("\n") == 3  # reported, not repaired or truncated
+
+
 def test_one_format_no_plots(tmp_path):
     _store(tmp_path / "runs")
     result = _invoke(["--suite", "synthetic", "--table", "8", "--format", "latex", "--no-plots",
