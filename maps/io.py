@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,12 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any, **kwargs: Any) -> None:
     kwargs.setdefault("indent", 2)
     atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 hex digest of a file, read in 4 MiB blocks (banks and weights are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -341,15 +341,21 @@ class Registry:
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
-def default_root() -> Path:
-    """``./experiments`` if it exists, else the registry shipped beside the package."""
-    env = os.environ.get("MAPS_EXPERIMENTS")
+def shipped_dir(env_var: str, name: str) -> Path:
+    """``$<env_var>`` if set, else ``./<name>`` if it exists, else ``<name>`` shipped beside
+    the package (the experiments and sweeps folders of this repository)."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
-    local = Path("experiments")
+    local = Path(name)
     if local.is_dir():
         return local
-    return Path(__file__).resolve().parent.parent / "experiments"
+    return Path(__file__).resolve().parent.parent / name
+
+
+def default_root() -> Path:
+    """``$MAPS_EXPERIMENTS``, else ``./experiments``, else the registry shipped beside the package."""
+    return shipped_dir("MAPS_EXPERIMENTS", "experiments")
 
 
 def load_registry(root: Optional[os.PathLike] = None, validate: bool = True) -> Registry:

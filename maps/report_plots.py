@@ -68,8 +68,9 @@ def plot_curves(table: Table, source: RunSource, path: Path,
             try:
                 records = source.history(row.run_of, seed)
             except MapsError as e:
-                if warnings is not None and f"{e}; curve skipped" not in warnings:
-                    warnings.append(f"{e}; curve skipped")
+                warning = f"{e}; curve skipped"
+                if warnings is not None and warning not in warnings:
+                    warnings.append(warning)
                 continue
             for m in metrics:
                 xs, ys = metric_curve(records, m)

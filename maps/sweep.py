@@ -185,13 +185,9 @@ class SweepSpec:
 
 def sweep_root() -> Path:
     """``$MAPS_SWEEPS`` if set, else ``./sweeps`` if it exists, else the sweeps beside the package."""
-    env = os.environ.get("MAPS_SWEEPS")
-    if env:
-        return Path(env)
-    local = Path("sweeps")
-    if local.is_dir():
-        return local
-    return Path(__file__).resolve().parent.parent / "sweeps"
+    from maps.registry import shipped_dir
+
+    return shipped_dir("MAPS_SWEEPS", "sweeps")
 
 
 def load_sweep(name: str, root: Optional[os.PathLike] = None) -> SweepSpec:

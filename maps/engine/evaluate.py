@@ -12,7 +12,6 @@ with a message naming it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
 from maps.errors import ConfigError
-from maps.io import atomic_write_json, atomic_write_text
+from maps.io import atomic_write_json, atomic_write_text, file_sha256
 
 __all__ = ["SafeCheckpointer", "evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
 
@@ -47,14 +46,6 @@ class SafeCheckpointer(DetectionCheckpointer):
         except pickle.UnpicklingError as e:
             raise ConfigError(f"MODEL.WEIGHTS {f}: not a plain weights file (refused by "
                               f"torch.load(weights_only=True): {str(e).splitlines()[0]})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def evaluate(cfg: CfgNode) -> Dict[str, float]:
@@ -90,7 +81,7 @@ def evaluate(cfg: CfgNode) -> Dict[str, float]:
     checkpoint = SafeCheckpointer(model).load(str(weights), checkpointables=[])
     iteration = int(checkpoint.get("iteration", cfg.SOLVER.MAX_ITER - 1)) + 1
     atomic_write_json(out / MODEL_RECORD, {"weights": str(weights.resolve()),
-                                           "sha256": _sha256(weights), "iteration": iteration})
+                                           "sha256": file_sha256(weights), "iteration": iteration})
     logger.info("evaluating %s (iteration %d) with %s", weights, iteration, out / "config.yaml")
     results = MAPSTrainer.test(cfg, model)
     final: Dict[str, Any] = {k: float(v) for k, v in flatten_results(results).items()}

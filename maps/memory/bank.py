@@ -24,7 +24,6 @@ them too.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from maps.errors import MemoryBankError
+from maps.io import file_sha256
 from maps.memory.encoders import describe_identity, same_identity
 
 __all__ = ["BANK_FORMAT", "BANK_VERSION", "BankArrays", "MemoryBank", "write_bank",
@@ -85,14 +85,6 @@ def concat_arrays(parts: Sequence[BankArrays]) -> BankArrays:
         object_offsets=np.concatenate(offsets),
         object_categories=cat("object_categories"), object_areas=cat("object_areas"),
         object_segment_ids=cat("object_segment_ids"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -163,7 +155,7 @@ def write_bank(path: PathLike, arrays: BankArrays, *, dataset: str, key_encoder:
             a = a.astype(dtype) if name in _FLOAT_ARRAYS else a.astype(np.int64)
             _save_npy(tmp / f"{name}.npy", a)
             files[f"{name}.npy"] = {"shape": list(a.shape), "dtype": str(a.dtype),
-                                    "sha256": _sha256(tmp / f"{name}.npy")}
+                                    "sha256": file_sha256(tmp / f"{name}.npy")}
         manifest = {
             "format": BANK_FORMAT, "version": BANK_VERSION, "dataset": dataset,
             "key_encoder": key_encoder, "dense_encoder": dense_encoder, "dtype": dtype,
@@ -244,7 +236,7 @@ class MemoryBank:
                     f"memory bank file {fpath} has shape {list(a.shape)} {a.dtype}; the manifest "
                     f"says {meta['shape']} {meta['dtype']} (truncated or replaced?)")
             if verify:
-                digest = _sha256(fpath)
+                digest = file_sha256(fpath)
                 if digest != meta["sha256"]:
                     raise MemoryBankError(f"memory bank file {fpath}: sha256 {digest[:12]}... does "
                                           f"not match the manifest's {meta['sha256'][:12]}...")

@@ -15,7 +15,6 @@ bank built with one encoder is refused by a model configured with another.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maps.io import file_sha256
 from maps.errors import ConfigError
 
 __all__ = [
@@ -78,16 +78,12 @@ class EncoderSpec:
     seed: int = 0
 
 
-def file_sha256(path: str) -> str:
+def _weights_sha256(path: str) -> str:
     """sha256 of a weights file, cached by (path, mtime, size): hashing 600 MB takes seconds."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime, st.st_size)
     if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
+        _sha_cache[key] = file_sha256(path)
     return _sha_cache[key]
 
 
@@ -280,7 +276,7 @@ def _backbone(kind: str, arch: Optional[str], weights: Optional[str], seed: int,
     if key not in _backbone_cache:
         bb = _BACKBONES[kind](arch, weights or None, seed).eval().requires_grad_(False)
         bb.arch = arch
-        bb.weights_sha256 = file_sha256(weights) if weights else None
+        bb.weights_sha256 = _weights_sha256(weights) if weights else None
         bb.seed = None if weights else int(seed)
         _backbone_cache[key] = bb.to(device)
     return _backbone_cache[key]
