@@ -23,7 +23,7 @@ from detectron2.config import CfgNode
 from maps.errors import ConfigError
 from maps.io import atomic_write_json, atomic_write_text, file_sha256
 
-__all__ = ["SafeCheckpointer", "evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
+__all__ = ["RunCheckpointer", "SafeCheckpointer", "evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
 
 logger = logging.getLogger("maps.evaluate")
 
@@ -33,7 +33,19 @@ EVAL_TASK = "maps.engine.evaluate:run_evaluation"
 MODEL_RECORD = "evaluated_model.json"
 
 
-class SafeCheckpointer(DetectionCheckpointer):
+class RunCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer whose ``last_checkpoint`` tag is replaced atomically.
+
+    fvcore truncates the tag, then writes it: a SIGKILL in between (preemption) leaves an
+    empty tag, and ``--resume`` then fails on "Checkpoint <run dir>/ not found".
+    """
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if self.save_to_disk:
+            atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+
+class SafeCheckpointer(RunCheckpointer):
     """detectron2's checkpointer, unpickling with ``weights_only=True``."""
 
     def _torch_load(self, f):

@@ -99,6 +99,12 @@ class MAPSTrainer(DefaultTrainer):
         self._sampler = type(self)._last_sampler
 
     def build_hooks(self):
+        from maps.engine.evaluate import RunCheckpointer
+
+        # the same checkpointer with an atomic last_checkpoint tag, before the hooks take it
+        old = self.checkpointer
+        self.checkpointer = RunCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                            **old.checkpointables)
         ret = super().build_hooks()
         seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
         # first, so that every random draw of the iteration follows the reseed

@@ -128,3 +128,26 @@ def test_train_loader_has_its_own_generator(dataset, tmp_path):
     inner = loader if isinstance(loader, torchdata.DataLoader) else loader.dataset
     assert isinstance(inner, torchdata.DataLoader)
     assert inner.generator is not None
+
+
+def test_last_checkpoint_tag_is_replaced_atomically(tmp_path, monkeypatch):
+    """A kill while the tag is written must leave the old tag or the new one, never an empty
+    file (fvcore truncates, then writes: --resume then failed on "Checkpoint <dir>/ not found")."""
+    import os
+
+    from maps.engine.evaluate import RunCheckpointer
+
+    ck = RunCheckpointer(torch.nn.Linear(2, 2), str(tmp_path), save_to_disk=True)
+    ck.tag_last_checkpoint("model_0000002.pth")
+    replaced = []
+    real_replace = os.replace
+
+    def killed_at_rename(src, dst):  # the moment before the new tag takes the old one's place
+        replaced.append((Path(src).read_text(), (tmp_path / "last_checkpoint").read_text()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_rename)
+    ck.tag_last_checkpoint("model_0000005.pth")
+    assert replaced == [("model_0000005.pth", "model_0000002.pth")]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000005.pth"
+    assert ck.get_checkpoint_file() == str(tmp_path / "model_0000005.pth")
