@@ -18,7 +18,6 @@ finished runs (the run store), so an interrupted benchmark continues where it st
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -96,7 +95,7 @@ def main(seeds: int, iterations: int, train_images: int, val_images: int, parall
                            ensure_memory, launch_with_progress, memory_spec, register_dataset,
                            resized_experiment, run_specs, same_scene_rate, scenes_of)
     from maps.registry import load_registry
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
 
     console = Console()
     start = time.time()

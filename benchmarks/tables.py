@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from maps.registry import load_registry  # noqa: E402
 from maps.report import build_tables, render  # noqa: E402
-from maps.report_sources import RunStoreSource  # noqa: E402
-from maps.runstore import RunStore  # noqa: E402
+from maps.report.sources import RunStoreSource  # noqa: E402
+from maps.launch.runstore import RunStore  # noqa: E402
 
 
 def generate(root: Path, n_runs: int, seed: int = 0) -> int:

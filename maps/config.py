@@ -138,3 +138,13 @@ def get_maps_cfg() -> CN:
     cfg = get_cfg()
     add_maps_config(cfg)
     return cfg
+
+
+def config_from_yaml_text(text: str) -> CN:
+    """A resolved config (as written to a run directory) back to a CfgNode.
+
+    yacs parses it with ``yaml.safe_load``: a run's config.yaml is data, never code.
+    """
+    cfg = get_maps_cfg()
+    cfg.merge_from_other_cfg(CN.load_cfg(text))
+    return cfg

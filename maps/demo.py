@@ -166,7 +166,7 @@ def ensure_memory(spec: Mapping[str, Any], runs_root: Path, data_root: Path) -> 
     same-scene rate can be shown before training starts. Returns (prereq, built).
     """
     from maps.launch import PrereqTask
-    from maps.memory.prepare import memory_prereq
+    from maps.launch.memory_jobs import memory_prereq
 
     prereq = memory_prereq(spec, runs_root, str(data_root))
     if prereq.is_complete():
@@ -259,7 +259,7 @@ def run_specs(experiments: Sequence[Any], size: DemoSize, memory: Optional[Any])
 
 
 def _iteration_of(run_dir: Path) -> int:
-    from maps.runstore import read_metrics
+    from maps.launch.runstore import read_metrics
 
     try:
         records = read_metrics(run_dir)
@@ -408,14 +408,14 @@ def demo_registry(registry: Any, seeds: Sequence[int], iterations: int) -> Any:
 def write_report(store: Any, out_dir: Path, registry: Any, plots: bool = True) -> Tuple[str, List[Path], List[Path], List[str]]:
     """The synthetic main table (Table 2 mirror) from the store into ``out_dir/synthetic``."""
     from maps.report import build_tables, render, write_tables
-    from maps.report_sources import RunStoreSource
+    from maps.report.sources import RunStoreSource
 
     source = RunStoreSource(store)
     report = build_tables(registry, source, 2, "synthetic")
     tables = [Path(p) for p in write_tables(report, out_dir, ("md", "latex", "csv"))]
     plot_files: List[Path] = []
     if plots:
-        from maps.report_plots import write_plots
+        from maps.report.plots import write_plots
 
         plot_files = [Path(p) for p in write_plots(report, source, registry, out_dir)]
     text = "\n".join(render(t, "md") for t in report.tables)
@@ -432,7 +432,7 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
     each run directory. ``fresh`` deletes it first.
     """
     from maps.registry import load_registry
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
 
     start = time.time()
     runs_root = Path(runs_root).absolute()

@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# The toy tasks of the launcher and sweep tests (tests/helpers) are imported by path inside
+# local and Slurm jobs, which inherit this environment; maps runs tasks outside its own
+# package only when the operator names their modules (never from a file's `task:` value).
+_HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HELPERS, os.environ.get("PYTHONPATH")) if p)
+os.environ["MAPS_TASK_MODULES"] = "maps_toy_tasks,maps_toy_objectives"
+import sys  # noqa: E402
+
+sys.path.insert(0, _HELPERS)
+
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -51,7 +51,7 @@ def sweep_command(name: str, trials: int, parallel: int, executor: str, profile:
     if register and not best:
         raise MapsError("--register needs --best (it registers the best trial)")
     if best or report:
-        from maps.sweep_report import best_trials, register_best, write_report
+        from maps.sweep.report import best_trials, register_best, write_report
 
         if best:
             trials_ = best_trials(spec, storage)

@@ -41,8 +41,8 @@ def tables_command(which: str, suite: str, formats: Sequence[str], source: str, 
     t-test). Bad or stale run records are listed as warnings after the tables."""
     from maps.registry import load_registry
     from maps.report import build_tables, render, write_tables
-    from maps.report_sources import LiveWandbApi, RunStoreSource, WandbSource
-    from maps.runstore import RunStore
+    from maps.report.sources import LiveWandbApi, RunStoreSource, WandbSource
+    from maps.launch.runstore import RunStore
 
     formats = tuple(dict.fromkeys(formats)) or ("md", "latex", "csv")
     registry = load_registry(root, validate=False)
@@ -53,7 +53,7 @@ def tables_command(which: str, suite: str, formats: Sequence[str], source: str, 
     report = build_tables(registry, run_source, which, suite)
     written = write_tables(report, out_dir, formats)
     if plots:
-        from maps.report_plots import write_plots
+        from maps.report.plots import write_plots
 
         written += write_plots(report, run_source, registry, out_dir)
     if echo:

@@ -17,13 +17,13 @@ import os
 from pathlib import Path
 from typing import Any, Dict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
+from maps.engine.checkpoint import SafeCheckpointer
 from maps.errors import ConfigError
 from maps.io import atomic_write_json, atomic_write_text, file_sha256
 
-__all__ = ["RunCheckpointer", "SafeCheckpointer", "evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
+__all__ = ["evaluate", "run_evaluation", "EVAL_TASK", "MODEL_RECORD"]
 
 logger = logging.getLogger("maps.evaluate")
 
@@ -33,33 +33,6 @@ EVAL_TASK = "maps.engine.evaluate:run_evaluation"
 MODEL_RECORD = "evaluated_model.json"
 
 
-class RunCheckpointer(DetectionCheckpointer):
-    """detectron2's checkpointer whose ``last_checkpoint`` tag is replaced atomically.
-
-    fvcore truncates the tag, then writes it: a SIGKILL in between (preemption) leaves an
-    empty tag, and ``--resume`` then fails on "Checkpoint <run dir>/ not found".
-    """
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if self.save_to_disk:
-            atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
-
-
-class SafeCheckpointer(RunCheckpointer):
-    """detectron2's checkpointer, unpickling with ``weights_only=True``."""
-
-    def _torch_load(self, f):
-        import pickle
-
-        import torch
-
-        try:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ConfigError(f"MODEL.WEIGHTS {f}: not a plain weights file (refused by "
-                              f"torch.load(weights_only=True): {str(e).splitlines()[0]})") from None
-
-
 def evaluate(cfg: CfgNode) -> Dict[str, float]:
     """Evaluate ``cfg.MODEL.WEIGHTS`` under ``cfg`` in ``cfg.OUTPUT_DIR``; return final metrics.
 
@@ -67,7 +40,7 @@ def evaluate(cfg: CfgNode) -> Dict[str, float]:
     params); ``iteration`` is the checkpoint's own.
     """
     import maps.data  # noqa: F401  (registers datasets)
-    from maps.engine.train import _setup_logging
+    from maps.engine.run_record import setup_run_logging
     from maps.engine.trainer import MAPSTrainer
     from maps.evaluation import flatten_results
     from maps.modeling.build import build_model
@@ -78,7 +51,7 @@ def evaluate(cfg: CfgNode) -> Dict[str, float]:
                           "is missing (has its training run finished?)")
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(str(out))
+    setup_run_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
     if cfg.MODEL.MAPS.ENABLED:
         from maps.memory.wiring import bank_record
@@ -108,7 +81,7 @@ def run_evaluation(run_dir: str, config_yaml: str, seed: int, resume: bool) -> D
 
     ``resume`` changes nothing: an evaluation has no state worth keeping, it starts again.
     """
-    from maps.engine.train import config_from_yaml_text
+    from maps.config import config_from_yaml_text
 
     cfg = config_from_yaml_text(config_yaml)
     cfg.defrost()

@@ -1,35 +1,20 @@
 """One training run, as a function: what `maps train` and every launched job call."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 from detectron2.config import CfgNode
 
+from maps.config import config_from_yaml_text
+from maps.engine.run_record import setup_run_logging
 from maps.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("maps.train")
 
 FINAL_METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
-
-
-def config_from_yaml_text(text: str) -> CfgNode:
-    """A resolved config (as written to a run directory) back to a CfgNode."""
-    from maps.config import get_maps_cfg
-
-    cfg = get_maps_cfg()
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
-    return cfg
-
-
-def _setup_logging(output_dir: str) -> None:
-    from detectron2.utils.logger import setup_logger
-
-    setup_logger(os.path.join(output_dir, "log.txt"), name="detectron2")
-    setup_logger(os.path.join(output_dir, "log.txt"), name="maps")
 
 
 def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
@@ -58,7 +43,7 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
             memory_attacher_for(cfg, name)
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(str(out))
+    setup_run_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
     if memory is not None:
         # the run names the memory it read: bank path and manifest hash, neighbour caches
@@ -98,7 +83,7 @@ def run_training(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dic
     from maps.engine.wandb_writer import WandbWriter
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _setup_logging(str(run_dir))  # so that a W&B warning reaches log.txt too
+    setup_run_logging(str(run_dir))  # so that a W&B warning reaches log.txt too
     # tags (experiment, seed, table, git commit) come from the run's status.json
     writer = WandbWriter(run_dir, cfg)
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from detectron2.config import CfgNode
@@ -99,7 +99,7 @@ class MAPSTrainer(DefaultTrainer):
         self._sampler = type(self)._last_sampler
 
     def build_hooks(self):
-        from maps.engine.evaluate import RunCheckpointer
+        from maps.engine.checkpoint import RunCheckpointer
 
         # the same checkpointer with an atomic last_checkpoint tag, before the hooks take it
         old = self.checkpointer

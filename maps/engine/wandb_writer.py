@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from maps.runstore import RunStore
+from maps.engine import run_record
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class WandbWriter(EventWriter):
         self._run = None
         self._warned = False
         self._last_write: Dict[str, int] = {}
-        record = RunStore.read_wandb(self.run_dir) or {}
+        record = run_record.read_wandb(self.run_dir) or {}
         # steps up to here were logged before a restart: W&B would drop them anyway
         self._resume_floor = int(record.get("last_step", -1))
         self._last_step = self._resume_floor
@@ -185,7 +185,7 @@ class WandbWriter(EventWriter):
 
     def _save_record(self) -> None:
         self._record["last_step"] = self._last_step
-        RunStore.write_wandb(self.run_dir, {k: v for k, v in self._record.items() if v is not None})
+        run_record.write_wandb(self.run_dir, {k: v for k, v in self._record.items() if v is not None})
 
     @property
     def active(self) -> bool:
@@ -249,7 +249,7 @@ def _run_identity(run_dir: Path) -> Dict[str, Any]:
     import re
 
     try:
-        status = RunStore.read_status_file(run_dir) or {}
+        status = run_record.read_status_file(run_dir) or {}
     except Exception:
         return {}
     experiment = status.get("experiment")

@@ -11,7 +11,7 @@ same neighbour caches, so they live at a location computed from the spec alone::
         _COMPLETE                  written by the launcher once prepare_memory returned
 
 ``prepare_memory(output_dir, **spec)`` is the prerequisite task (``task(output_dir,
-**kwargs)``, see :class:`maps.launch.PrereqSpec`): it builds what is missing and keeps what
+**kwargs)``; :func:`maps.launch.memory_jobs.memory_prereq` makes the job): it builds what is missing and keeps what
 is complete, so a preempted or failed build resumes and a second call does nothing. Both the
 bank and every cache are written atomically. The neighbour count ``k`` defaults to
 :data:`DEFAULT_K` (20): large enough for every run that shares the memory (NUM_RETRIEVED up
@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from maps.errors import ConfigError, MemoryBankError
 
-__all__ = ["DEFAULT_K", "PREPARE_TASK", "memory_dir", "memory_prereq", "prepare_memory",
+__all__ = ["DEFAULT_K", "PREPARE_TASK", "memory_dir", "prepare_memory",
            "apply_memory", "normalize_spec", "bank_dir", "neighbors_dir"]
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def memory_dir(spec: Mapping[str, Any], root, data_root: Optional[str] = None) -
     dataset, and must not reuse a bank built from the first.
     """
     s = normalize_spec(spec)
-    payload = dict(s, data_root=os.path.abspath(data_root or _datasets_root()))
+    payload = dict(s, data_root=os.path.abspath(data_root or datasets_root()))
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
     name = "-".join(_slug(p) for p in (s["dataset"], s["key_encoder"], s["key_arch"] or "default",
                                        s["dense"])) + f"-{digest}"
@@ -104,22 +104,8 @@ def neighbors_dir(output_dir) -> Path:
     return Path(output_dir) / "neighbors"
 
 
-def _datasets_root() -> str:
+def datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-
-
-def memory_prereq(spec: Mapping[str, Any], root, data_root: Optional[str] = None):
-    """The :class:`maps.launch.PrereqSpec` that builds ``spec``'s memory under ``root``.
-
-    The dataset root is passed to the task explicitly, so a job started with another
-    environment still reads the datasets the launcher meant.
-    """
-    from maps.launch import PrereqSpec
-
-    s = normalize_spec(spec)
-    droot = os.path.abspath(data_root or _datasets_root())
-    return PrereqSpec(task=PREPARE_TASK, output_dir=str(memory_dir(s, root, droot).resolve()),
-                      kwargs={**s, "data_root": droot})
 
 
 def apply_memory(cfg, output_dir) -> None:

@@ -102,7 +102,7 @@ def registry():
 
 
 def test_run_specs_shorten_the_schedule_and_attach_the_memory(registry, tmp_path):
-    from maps.memory.prepare import memory_prereq
+    from maps.launch.memory_jobs import memory_prereq
 
     exps = [registry.get(n) for n in DEMO_EXPERIMENTS]
     spec = memory_spec(exps)

@@ -135,7 +135,7 @@ def test_last_checkpoint_tag_is_replaced_atomically(tmp_path, monkeypatch):
     file (fvcore truncates, then writes: --resume then failed on "Checkpoint <dir>/ not found")."""
     import os
 
-    from maps.engine.evaluate import RunCheckpointer
+    from maps.engine.checkpoint import RunCheckpointer
 
     ck = RunCheckpointer(torch.nn.Linear(2, 2), str(tmp_path), save_to_disk=True)
     ck.tag_last_checkpoint("model_0000002.pth")

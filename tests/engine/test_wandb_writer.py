@@ -218,7 +218,7 @@ def test_disabled_writer_touches_nothing(run_dir):
 
 
 def test_default_tags_and_name_come_from_the_run_record(tmp_path, monkeypatch):
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     store = RunStore(tmp_path / "runs")

@@ -15,7 +15,6 @@ import copy
 import json
 import math
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util

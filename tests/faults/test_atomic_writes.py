@@ -21,7 +21,7 @@ _WRITER = r"""
 import json, sys
 from pathlib import Path
 from maps.io import atomic_write_json, atomic_write_text
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 
 root, mode = Path(sys.argv[1]), sys.argv[2]
 store = RunStore(root / "runs")
@@ -61,7 +61,7 @@ def _kill_loop(tmp_path: Path, mode: str, kills: int, seed: int) -> int:
         proc.wait()
         try:
             if mode == "atomic":
-                from maps.runstore import RunStore
+                from maps.launch.runstore import RunStore
 
                 store = RunStore(tmp_path / "runs")
                 run = store.run_dir("faults/atomic", 0)

@@ -78,7 +78,7 @@ def _assert_matches_reference(run: Path, ref: Path, starts: list) -> None:
     diff = {k for k in want if not bool((got[k] == want[k]).all())}
     assert not diff, f"weights differ from the uninterrupted run: {sorted(diff)[:5]} (starts {starts})"
     # metrics.json has each iteration once after read_metrics' de-duplication, in order
-    from maps.runstore import read_metrics
+    from maps.launch.runstore import read_metrics
 
     its = [m["iteration"] for m in read_metrics(run) if "total_loss" in m]
     assert its == sorted(set(its)) and its[-1] == MAX_ITER - 1

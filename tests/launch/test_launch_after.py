@@ -8,8 +8,8 @@ import json
 import pytest
 
 from maps.launch import LaunchError, RunSpec, launch
-from maps.runstore import RunStore
-from maps.testing import final_metrics
+from maps.launch.runstore import RunStore
+from maps_toy_tasks import final_metrics
 
 
 @pytest.fixture
@@ -19,12 +19,12 @@ def store(tmp_path):
 
 def train_spec(seed, fail=False):
     return RunSpec("toy/train", seed, json.dumps({"TOY": {"STEPS": 2, "FAIL": fail}}),
-                   "maps.testing:toy_train")
+                   "maps_toy_tasks:toy_train")
 
 
 def eval_spec(store, seed):
     cfg = {"TOY": {"AFTER": str(store.run_dir("toy/train", seed))}}
-    return RunSpec("toy/eval", seed, json.dumps(cfg), "maps.testing:toy_after",
+    return RunSpec("toy/eval", seed, json.dumps(cfg), "maps_toy_tasks:toy_after",
                    after=(("toy/train", seed),))
 
 
@@ -61,7 +61,7 @@ def test_waiting_run_alone_uses_a_done_run_and_refuses_a_missing_one(store):
 
 
 def test_runs_waiting_for_each_other_are_refused(store):
-    a = RunSpec("toy/a", 0, "{}", "maps.testing:toy_train", after=(("toy/b", 0),))
-    b = RunSpec("toy/b", 0, "{}", "maps.testing:toy_train", after=(("toy/a", 0),))
+    a = RunSpec("toy/a", 0, "{}", "maps_toy_tasks:toy_train", after=(("toy/b", 0),))
+    b = RunSpec("toy/b", 0, "{}", "maps_toy_tasks:toy_train", after=(("toy/a", 0),))
     with pytest.raises(LaunchError, match="cycle"):
         launch([a, b], "debug", store=store)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import maps.commands.launch as launch_cmd
 from maps.cli import main
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ToyRegistry:
 @pytest.fixture
 def toy_registry(monkeypatch):
     monkeypatch.setattr(launch_cmd, "_load_registry", lambda: ToyRegistry())
-    monkeypatch.setattr(launch_cmd, "TRAIN_TASK", "maps.testing:toy_train")
+    monkeypatch.setattr(launch_cmd, "TRAIN_TASK", "maps_toy_tasks:toy_train")
 
 
 def test_launch_then_status(tmp_path, toy_registry):

@@ -6,8 +6,6 @@ off at inference; one launch builds the memory, trains, then evaluates (debug ex
 import hashlib
 import json
 import os
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,13 +37,12 @@ def _shrink(spec):
 
 
 def test_one_launch_builds_memory_trains_then_evaluates(tiny_data, tmp_path):
-    from maps.commands.launch import _run_specs
     from maps.engine.evaluate import MODEL_RECORD
-    from maps.launch import launch
-    from maps.runstore import RunStore
+    from maps.launch import RunStore, launch, plan_runs
+    from maps.registry import load_registry
 
     store = RunStore(tmp_path / "runs")
-    specs = [_shrink(s) for s in _run_specs("synthetic/table7/no-memory", 1, str(store.root))]
+    specs = [_shrink(s) for s in plan_runs(load_registry(), "synthetic/table7/no-memory", 1, store)]
     report = launch(specs, "debug", store=store)
     assert [p["action"] for p in report.prerequisites] == ["built"]
     assert [(o.experiment, o.action) for o in report.outcomes] == [
@@ -78,7 +75,8 @@ class Payload:
 
 def test_evaluation_refuses_missing_and_unsafe_checkpoints(tmp_path):
     from maps.config import get_maps_cfg
-    from maps.engine.evaluate import SafeCheckpointer, evaluate
+    from maps.engine.checkpoint import SafeCheckpointer
+    from maps.engine.evaluate import evaluate
 
     cfg = get_maps_cfg()
     cfg.OUTPUT_DIR = str(tmp_path / "out")

@@ -1,6 +1,6 @@
 """Launching without Slurm: the debug (in-process) and local (subprocess) executors.
 
-The tasks come from maps.testing; their final metrics are a known function of the seed.
+The tasks come from maps_toy_tasks; their final metrics are a known function of the seed.
 """
 import json
 import os
@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from maps.errors import ConfigError
-from maps.launch import (ClusterProfile, LaunchError, PrereqSpec, RunSpec, launch, make_executor,
-                         load_profile, reconcile)
-from maps.runstore import RunStore, read_metrics
-from maps.testing import ATTEMPTS, final_metrics
+from maps.launch import (ClusterProfile, LaunchError, PrereqSpec, RunSpec, launch, load_profile, reconcile)
+from maps.launch.runstore import RunStore, read_metrics
+from maps_toy_tasks import ATTEMPTS, final_metrics
 
 PROFILES = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
 
@@ -27,7 +26,7 @@ def store(tmp_path):
     return RunStore(tmp_path / "runs")
 
 
-def toy(seed, steps=3, fail=False, experiment="toy/a", task="maps.testing:toy_train", **extra):
+def toy(seed, steps=3, fail=False, experiment="toy/a", task="maps_toy_tasks:toy_train", **extra):
     cfg = {"TOY": {"STEPS": steps, "FAIL": fail, **extra}, "SOLVER": {"IMS_PER_BATCH": 8}}
     return RunSpec(experiment, seed, json.dumps(cfg), task)
 
@@ -79,13 +78,13 @@ def test_failure_is_recorded_and_retried_only_when_asked(store):
 
 def test_dry_run_submits_and_writes_nothing(store):
     launch([toy(0)], "debug", store=store)
-    pre = PrereqSpec("maps.testing:toy_prerequisite", str(store.root / "bank"))
+    pre = PrereqSpec("maps_toy_tasks:toy_prerequisite", str(store.root / "bank"))
     spec = toy(1)
     spec.prerequisites = [pre]
     report = launch([toy(0), spec], "slurm", profile=PROFILES / "a100.yaml", dry_run=True, store=store)
     assert [o.action for o in report.outcomes] == ["skipped", "would-submit"]
     assert report.resources["gpus_per_node"] == 8 and report.resources["partition"] == "gpu"
-    assert report.prerequisites == [{"task": "maps.testing:toy_prerequisite",
+    assert report.prerequisites == [{"task": "maps_toy_tasks:toy_prerequisite",
                                      "output_dir": str(store.root / "bank"), "action": "would-build", "job_id": None}]
     assert not store.run_dir("toy/a", 1).exists() and not (store.root / "bank").exists()
 
@@ -95,8 +94,8 @@ def test_bad_launches_fail_before_submitting(store, tmp_path):
         launch([toy(0), toy(0)], "debug", store=store)
     with pytest.raises(LaunchError, match="executor must be one of"):
         launch([toy(0)], "kubernetes", store=store)
-    with pytest.raises(LaunchError, match=r"task 'maps.testing:nope': maps.testing has no function 'nope'"):
-        launch([toy(0, task="maps.testing:nope")], "debug", store=store)
+    with pytest.raises(LaunchError, match=r"task 'maps_toy_tasks:nope': maps_toy_tasks has no function 'nope'"):
+        launch([toy(0, task="maps_toy_tasks:nope")], "debug", store=store)
     assert store.read_status(store.run_dir("toy/a", 0)) is None
     with pytest.raises(ConfigError, match="the local executor has one node"):
         launch([toy(0)], "local", profile=ClusterProfile(nodes=2), store=store)
@@ -116,8 +115,8 @@ def test_dead_local_job_is_not_alive(store):
 
 def test_prerequisite_is_built_once_before_its_runs(store):
     bank = store.root / "banks" / "toy"
-    pre = PrereqSpec("maps.testing:toy_prerequisite", str(bank), {"payload": "neighbours"})
-    runs = [toy(s, task="maps.testing:toy_needs_prerequisite", PREREQ=str(bank)) for s in (0, 1)]
+    pre = PrereqSpec("maps_toy_tasks:toy_prerequisite", str(bank), {"payload": "neighbours"})
+    runs = [toy(s, task="maps_toy_tasks:toy_needs_prerequisite", PREREQ=str(bank)) for s in (0, 1)]
     for r in runs:
         r.prerequisites = [pre, PrereqSpec(pre.task, str(bank), {"payload": "neighbours"})]
     report = launch(runs, "debug", store=store)
@@ -126,7 +125,7 @@ def test_prerequisite_is_built_once_before_its_runs(store):
     for s in (0, 1):
         assert store.read_final(store.run_dir("toy/a", s))["payload"] == "neighbours"
     # complete: a later launch (another seed) does not rebuild it
-    more = toy(2, task="maps.testing:toy_needs_prerequisite", PREREQ=str(bank))
+    more = toy(2, task="maps_toy_tasks:toy_needs_prerequisite", PREREQ=str(bank))
     more.prerequisites = [pre]
     report = launch([more], "debug", store=store)
     assert report.prerequisites[0]["action"] == "complete"
@@ -134,10 +133,10 @@ def test_prerequisite_is_built_once_before_its_runs(store):
 
 
 def test_failed_prerequisite_stops_the_runs(store, tmp_path):
-    pre = PrereqSpec("maps.testing:toy_prerequisite", str(tmp_path / "bank"), {"nonsense": 1})
+    pre = PrereqSpec("maps_toy_tasks:toy_prerequisite", str(tmp_path / "bank"), {"nonsense": 1})
     spec = toy(0)
     spec.prerequisites = [pre]
-    with pytest.raises(LaunchError, match=r"prerequisite maps.testing:toy_prerequisite -> .*bank failed"):
+    with pytest.raises(LaunchError, match=r"prerequisite maps_toy_tasks:toy_prerequisite -> .*bank failed"):
         launch([spec], "debug", store=store)
     assert store.read_status(store.run_dir("toy/a", 0)) is None
     assert not (tmp_path / "bank" / "_COMPLETE").exists()
@@ -147,9 +146,9 @@ _LAUNCHER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from maps.launch import RunSpec, launch
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
     root, go = sys.argv[1], Path(sys.argv[2])
-    runs = [RunSpec("race", s, "TOY: {STEPS: 2, SLEEP: 0.2}", "maps.testing:toy_train") for s in range(3)]
+    runs = [RunSpec("race", s, "TOY: {STEPS: 2, SLEEP: 0.2}", "maps_toy_tasks:toy_train") for s in range(3)]
     while not go.exists():
         time.sleep(0.005)
     report = launch(runs, "debug", store=RunStore(root))
@@ -172,7 +171,7 @@ def test_two_launchers_at_once_submit_each_run_once(store, tmp_path):
 
 
 def test_local_two_process_job_all_reduces_over_gloo(store):
-    spec = RunSpec("dist", 0, "SOLVER: {IMS_PER_BATCH: 8}\n", "maps.testing:toy_distributed")
+    spec = RunSpec("dist", 0, "SOLVER: {IMS_PER_BATCH: 8}\n", "maps_toy_tasks:toy_distributed")
     launch([spec], "local", profile=ClusterProfile(tasks_per_node=2, timeout_min=5), store=store)
     run = store.run_dir("dist", 0)
     status = store.read_status(run)
@@ -185,7 +184,7 @@ def test_local_two_process_job_all_reduces_over_gloo(store):
 
 
 def test_local_preemption_requeues_and_resumes(store):
-    spec = RunSpec("preempt", 0, "TOY: {STEPS: 30, SLEEP: 0.1}\n", "maps.testing:toy_train")
+    spec = RunSpec("preempt", 0, "TOY: {STEPS: 30, SLEEP: 0.1}\n", "maps_toy_tasks:toy_train")
     report = launch([spec], "local", profile=load_profile(PROFILES / "local-ci.yaml"), store=store, wait=False)
     job = report.jobs[0]
     run = store.run_dir("preempt", 0)
@@ -203,22 +202,8 @@ def test_local_preemption_requeues_and_resumes(store):
     assert [m["iteration"] for m in read_metrics(run)] == list(range(30))
 
 
-def test_sbatch_script_has_profile_resources_and_dependency(monkeypatch, tmp_path):
-    import maps.launch
-
-    monkeypatch.setattr(maps.launch, "slurm_available", lambda: True)
-    ex = make_executor("slurm", tmp_path / "%j", load_profile(PROFILES / "a100.yaml"), "maps-t",
-                       dependency="afterok:41:42")
-    text = ex._make_submission_file_text("python -m x", "uid")
-    for line in ["#SBATCH --partition=gpu", "#SBATCH --account=my-account", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440",
-                 "#SBATCH --dependency=afterok:41:42", "#SBATCH --kill-on-invalid-dep=yes", "#SBATCH --requeue", "#SBATCH --constraint=a100",
-                 "#SBATCH --mem=491520M", "module load cuda/12.4"]:
-        assert line in text, line
-
-
 def test_distributed_env_outside_a_job_reads_torchrun_variables(monkeypatch):
-    from maps.launch import _port_for, distributed_env
+    from maps.launch.distributed import _port_for, distributed_env
 
     for k, v in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
                      MASTER_ADDR="node7", MASTER_PORT="1234").items():

@@ -1,12 +1,12 @@
 """The memory of a launch: its location, its build (prepare_memory) and its wiring into runs."""
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from maps.errors import ConfigError
-from maps.memory.prepare import (DEFAULT_K, PREPARE_TASK, apply_memory, memory_dir, memory_prereq,
+from maps.launch.memory_jobs import memory_prereq
+from maps.memory.prepare import (DEFAULT_K, PREPARE_TASK, apply_memory, memory_dir,
                                  normalize_spec, prepare_memory)
 
 SPEC = {"dataset": "synthetic_train", "key_encoder": "clip", "key_arch": "ViT-Tiny-16",
@@ -91,11 +91,13 @@ def test_prepare_memory_builds_once_and_excludes_own_image(tmp_path, data_root, 
 
 
 def test_launch_command_wires_memory_and_evaluation_runs(tmp_path, monkeypatch):
-    from maps.commands.launch import _run_specs
     from maps.engine.evaluate import EVAL_TASK
+    from maps.launch import RunStore, plan_runs
+    from maps.registry import load_registry
 
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
-    specs = _run_specs("synthetic/table7,synthetic/main/mask2former", 1, str(tmp_path / "runs"))
+    specs = plan_runs(load_registry(), "synthetic/table7,synthetic/main/mask2former", 1,
+                      RunStore(tmp_path / "runs"))
     by = {s.experiment: s for s in specs}
     assert set(by) == {"synthetic/main/mask2former", "synthetic/main/maps", "synthetic/table7/no-memory",
                        "synthetic/table7/scene-only", "synthetic/table7/object-only"}

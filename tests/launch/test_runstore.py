@@ -8,7 +8,7 @@ import time
 import pytest
 
 from maps.errors import MapsError
-from maps.runstore import RunStore, RunStoreError, read_metrics
+from maps.launch.runstore import RunStore, RunStoreError, read_metrics
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_read_metrics_bad_middle_line_is_an_error(tmp_path):
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
     with RunStore.claim(sys.argv[1]):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))

@@ -1,5 +1,4 @@
 """Bank storage (round trip, truncation, identity refusal) and leak-free retrieval."""
-import json
 
 import numpy as np
 import pytest

@@ -119,7 +119,7 @@ def test_grid_points_keep_their_own_rows_and_aliases(make_registry):
 
 def test_short_schedules_keep_only_decay_steps_inside_the_run():
     from maps.config import get_maps_cfg
-    from maps.registry import _set_iterations
+    from maps.registry.experiments import _set_iterations
 
     cfg = get_maps_cfg()
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 1000, (900, 950)

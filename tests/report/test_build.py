@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from maps.report import BASELINES, build_table, build_tables
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 
 from .conftest import final_record, write_run
 

@@ -2,8 +2,8 @@
 import json
 
 from maps.report import build_tables
-from maps.report_plots import metric_curve
-from maps.runstore import RunStore
+from maps.report.plots import metric_curve
+from maps.launch.runstore import RunStore
 
 from .conftest import final_record, write_run
 

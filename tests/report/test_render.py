@@ -5,8 +5,8 @@ import io
 import pytest
 
 from maps.report import build_table, build_tables, render, write_tables
-from maps.report_render import latex_escape
-from maps.runstore import RunStore
+from maps.report.render import latex_escape
+from maps.launch.runstore import RunStore
 
 from .conftest import final_record, write_run
 

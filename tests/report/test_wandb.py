@@ -10,8 +10,8 @@ import pytest
 
 from maps.errors import MapsError
 from maps.report import build_tables, render
-from maps.report_sources import LiveWandbApi, RecordedWandbApi, WandbSource
-from maps.runstore import RunStore
+from maps.report.sources import LiveWandbApi, RecordedWandbApi, WandbSource
+from maps.launch.runstore import RunStore
 
 from .conftest import WANDB_FIXTURE, store_from_wandb_fixture
 

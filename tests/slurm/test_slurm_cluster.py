@@ -2,7 +2,7 @@
 
     bash slurm/start.sh && .venv/bin/pytest -m slurm tests/slurm && bash slurm/stop.sh
 
-Jobs are the toy tasks of maps.testing; every wait is bounded and names what it waited for.
+Jobs are the toy tasks of maps_toy_tasks; every wait is bounded and names what it waited for.
 """
 import json
 import subprocess
@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from maps.cli import main
 from maps.launch import ClusterProfile, PrereqSpec, RunSpec, launch, load_profile, slurm_job_states
-from maps.runstore import RunStore, read_metrics
-from maps.testing import ATTEMPTS, final_metrics
+from maps.launch.runstore import RunStore, read_metrics
+from maps_toy_tasks import ATTEMPTS, final_metrics
 
 from slurm_waits import wait_state, wait_until  # noqa: E402
 
@@ -31,7 +31,7 @@ def store(tmp_path):
     return RunStore(tmp_path / "runs")
 
 
-def toy(experiment, seed, task="maps.testing:toy_train", **knobs):
+def toy(experiment, seed, task="maps_toy_tasks:toy_train", **knobs):
     return RunSpec(experiment, seed, json.dumps({"TOY": knobs}), task)
 
 
@@ -111,7 +111,7 @@ def test_preempted_job_requeues_and_resumes_in_the_same_run_dir(store):
 
 
 def test_two_task_job_sets_up_gloo(store):
-    spec = RunSpec("dist", 0, "SOLVER: {IMS_PER_BATCH: 16}\n", "maps.testing:toy_distributed")
+    spec = RunSpec("dist", 0, "SOLVER: {IMS_PER_BATCH: 16}\n", "maps_toy_tasks:toy_distributed")
     prof = ClusterProfile(partition="debug", tasks_per_node=2, cpus_per_task=1, mem_gb=2, timeout_min=30)
     launch([spec], "slurm", profile=prof, store=store)
     run = store.run_dir("dist", 0)
@@ -124,10 +124,10 @@ def test_two_task_job_sets_up_gloo(store):
 
 def test_runs_wait_for_their_prerequisite(store, tmp_path):
     bank = tmp_path / "bank"
-    pre = PrereqSpec("maps.testing:toy_prerequisite", str(bank), {"payload": "memory"})
+    pre = PrereqSpec("maps_toy_tasks:toy_prerequisite", str(bank), {"payload": "memory"})
     runs = []
     for s in range(2):
-        spec = toy("needs", s, task="maps.testing:toy_needs_prerequisite", PREREQ=str(bank))
+        spec = toy("needs", s, task="maps_toy_tasks:toy_needs_prerequisite", PREREQ=str(bank))
         spec.prerequisites = [pre]
         runs.append(spec)
     report = launch(runs, "slurm", profile=PROFILE, store=store)
@@ -146,9 +146,9 @@ _LAUNCHER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from maps.launch import RunSpec, launch
-    from maps.runstore import RunStore
+    from maps.launch.runstore import RunStore
     root, profile, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    runs = [RunSpec("race", s, "TOY: {STEPS: 2}", "maps.testing:toy_train") for s in range(4)]
+    runs = [RunSpec("race", s, "TOY: {STEPS: 2}", "maps_toy_tasks:toy_train") for s in range(4)]
     while not go.exists():
         time.sleep(0.005)
     report = launch(runs, "slurm", profile=profile, store=RunStore(root))
@@ -174,8 +174,8 @@ def test_two_launchers_at_once_submit_each_run_once(store, tmp_path):
 
 def test_failed_prerequisite_cancels_its_runs_and_is_rebuilt_on_retry(store, tmp_path):
     bank = tmp_path / "bank"
-    broken = PrereqSpec("maps.testing:toy_prerequisite", str(bank), {"nonsense": 1})
-    spec = toy("orphan", 0, task="maps.testing:toy_needs_prerequisite", PREREQ=str(bank))
+    broken = PrereqSpec("maps_toy_tasks:toy_prerequisite", str(bank), {"nonsense": 1})
+    spec = toy("orphan", 0, task="maps_toy_tasks:toy_needs_prerequisite", PREREQ=str(bank))
     spec.prerequisites = [broken]
     report = launch([spec], "slurm", profile=PROFILE, store=store)
     job_id = report.outcomes[0].job_id
@@ -183,7 +183,7 @@ def test_failed_prerequisite_cancels_its_runs_and_is_rebuilt_on_retry(store, tmp
     wait_until(lambda: slurm_job_states([job_id])[job_id].startswith("CANCELLED"), 90, "the orphaned run to be cancelled")
     again = launch([spec], "slurm", profile=PROFILE, store=store)
     assert again.outcomes[0].previous_state == "cancelled" and again.outcomes[0].action == "skipped"
-    fixed = toy("orphan", 0, task="maps.testing:toy_needs_prerequisite", PREREQ=str(bank))
+    fixed = toy("orphan", 0, task="maps_toy_tasks:toy_needs_prerequisite", PREREQ=str(bank))
     fixed.prerequisites = [PrereqSpec(broken.task, str(bank), {"payload": "ok"})]
     retried = launch([fixed], "slurm", profile=PROFILE, store=store, retry_failed=True)
     assert retried.prerequisites[0]["action"] == "submitted"  # the dead build is not waited on
@@ -194,7 +194,7 @@ def test_failed_prerequisite_cancels_its_runs_and_is_rebuilt_on_retry(store, tmp
 def test_waiting_run_gets_an_afterok_on_the_run_it_waits_for(store):
     train = toy("first", 0, STEPS=3, SLEEP=0.5)
     evaluation = RunSpec("second", 0, json.dumps({"TOY": {"AFTER": str(store.run_dir("first", 0))}}),
-                         "maps.testing:toy_after", after=(("first", 0),))
+                         "maps_toy_tasks:toy_after", after=(("first", 0),))
     report = launch([evaluation, train], "slurm", profile=PROFILE, store=store)
     first_job = report.outcomes[1].job_id
     second = store.run_dir("second", 0)
@@ -204,7 +204,7 @@ def test_waiting_run_gets_an_afterok_on_the_run_it_waits_for(store):
     assert store.read_final(second)["after_PQ"] == final_metrics(0, 2)["PQ"]
     # a second launch while the first run is queued waits on its job (not yet on the store)
     third = RunSpec("second", 1, json.dumps({"TOY": {"AFTER": str(store.run_dir("first", 1))}}),
-                    "maps.testing:toy_after", after=(("first", 1),))
+                    "maps_toy_tasks:toy_after", after=(("first", 1),))
     launch([toy("first", 1, STEPS=20, SLEEP=0.5)], "slurm", profile=PROFILE, store=store)
     queued = store.read_status(store.run_dir("first", 1))["job_id"]
     launch([third], "slurm", profile=PROFILE, store=store)

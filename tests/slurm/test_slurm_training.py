@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from maps.launch import ClusterProfile, RunSpec, launch, reconcile, slurm_job_states
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 
 from slurm_waits import wait_state, wait_until  # noqa: E402
 
@@ -59,9 +59,10 @@ def shrink(cfg, iterations=20, period=100):
 
 
 def grid_specs(store, selector="synthetic/table7/no-memory,synthetic/main/mask2former"):
-    from maps.commands.launch import _run_specs
+    from maps.launch import plan_runs
+    from maps.registry import load_registry
 
-    specs = _run_specs(selector, 1, str(store.root))
+    specs = plan_runs(load_registry(), selector, 1, store)
     for s in specs:
         shrink(s.config)
     return specs

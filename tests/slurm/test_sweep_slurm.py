@@ -2,7 +2,7 @@
 
     bash slurm/start.sh && .venv/bin/pytest -m slurm tests/slurm/test_sweep_slurm.py
 
-The objective is the toy of maps.sweep_testing (workers import it in the job's interpreter);
+The objective is the toy of maps_toy_objectives (workers import it in the job's interpreter);
 knobs travel in the environment, which sbatch exports to the jobs.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from maps.launch import slurm_job_states
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 from maps.sweep import open_study, parse_sweep, run_sweep
 
 pytestmark = pytest.mark.slurm
@@ -25,7 +25,7 @@ PROFILE = Path(__file__).resolve().parents[2] / "slurm" / "profiles" / "local-ci
 def _spec():
     return parse_sweep({
         "name": "slurm-toy", "experiment": "synthetic/main/maps",
-        "task": "maps.sweep_testing:toy_objective", "iterations": 4,
+        "task": "maps_toy_objectives:toy_objective", "iterations": 4,
         "overrides": {"TEST.EVAL_PERIOD": 1},
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}, "pruner": "none",
         "heartbeat": {"interval": 0.5, "grace": 3.0},

@@ -11,11 +11,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def toy_sweep(name: str = "toy", **changes: Any) -> Dict[str, Any]:
-    """A sweep mapping over synthetic/main/maps with the toy objective of maps.sweep_testing."""
+    """A sweep mapping over synthetic/main/maps with the toy objective of maps_toy_objectives."""
     data: Dict[str, Any] = {
         "name": name,
         "experiment": "synthetic/main/maps",
-        "task": "maps.sweep_testing:toy_objective",
+        "task": "maps_toy_objectives:toy_objective",
         "iterations": 4,
         "overrides": {"TEST.EVAL_PERIOD": 1},
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},

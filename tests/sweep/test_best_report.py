@@ -8,10 +8,10 @@ import yaml
 from click.testing import CliRunner
 
 from maps.registry import load_registry
-from maps.registry_checks import _differences
+from maps.registry.checks import _differences
 from maps.sweep import SweepError, base_config, open_study, parse_sweep, run_sweep
-from maps.sweep_report import best_trials, register_best, write_report
-from maps.sweep_testing import toy_pq
+from maps.sweep.report import best_trials, register_best, write_report
+from maps_toy_objectives import toy_pq
 
 from .conftest import toy_sweep
 

@@ -129,7 +129,7 @@ def test_cli_bad_space_is_one_line_exit_2(tmp_path, monkeypatch):
 def test_each_worker_has_its_own_reproducible_random_stream():
     import optuna
 
-    from maps.sweep import _sampler
+    from maps.sweep.study import _sampler
 
     spec = parse_sweep(toy_sweep(sampler={"name": "random", "seed": 0}))
 
@@ -145,7 +145,7 @@ def test_each_worker_has_its_own_reproducible_random_stream():
 
 def test_a_training_study_of_a_maps_experiment_shares_one_memory_and_toys_need_none():
     from maps.registry import load_registry
-    from maps.sweep import DEFAULT_TASK, _sweep_memory, base_config
+    from maps.sweep.spec import DEFAULT_TASK, _sweep_memory, base_config
 
     registry = load_registry(REPO / "experiments", validate=False)
     spec = load_sweep("synthetic_retrieval", REPO / "sweeps")

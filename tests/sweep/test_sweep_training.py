@@ -13,7 +13,7 @@ import math
 import pytest
 from optuna.trial import TrialState
 
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 from maps.sweep import load_sweep, open_study, run_sweep, validate_space
 
 from .conftest import REPO

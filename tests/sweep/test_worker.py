@@ -9,9 +9,9 @@ import yaml
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from maps.runstore import RunStore
+from maps.launch.runstore import RunStore
 from maps.sweep import open_study, parse_sweep, run_sweep, trial_experiment
-from maps.sweep_testing import toy_pq
+from maps_toy_objectives import toy_pq
 
 from .conftest import toy_sweep
 

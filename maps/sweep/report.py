@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import yaml
 
 from maps.io import atomic_write_bytes, atomic_write_text
-from maps.sweep import SweepError, SweepSpec, open_study
+from maps.sweep.spec import SweepError, SweepSpec
+from maps.sweep.study import open_study
 
 if TYPE_CHECKING:
     import optuna
@@ -82,8 +83,9 @@ def register_best(spec: SweepSpec, best: BestTrial, name: str,
     The entry carries the base experiment's full setup (so the file's defaults do not
     matter) plus the trial's values as overrides. Refuses a name already in the registry.
     """
-    from maps.registry import _NAME_RE, load_registry
-    from maps.registry_schema import CONFIGS_DIR
+    from maps.registry import load_registry
+    from maps.registry.experiments import _NAME_RE
+    from maps.registry.schema import CONFIGS_DIR
 
     registry = load_registry(experiments_root, validate=False)
     if not _NAME_RE.match(name):
@@ -106,7 +108,7 @@ def register_best(spec: SweepSpec, best: BestTrial, name: str,
     overrides.update({k: _plain(v) for k, v in best.params.items()})
     iterations = spec.iterations if spec.iterations is not None else target.iterations
     if spec.iterations is not None:  # the trials' learning-rate drops, not a rescaling of them
-        from maps.sweep import base_config
+        from maps.sweep.spec import base_config
 
         overrides["SOLVER.STEPS"] = [int(s) for s in base_config(spec, registry).SOLVER.STEPS]
     entry: Dict[str, Any] = {

@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 from detectron2.engine import HookBase
 
-from maps.sweep import INTERMEDIATE_KEY
+from maps.sweep.spec import INTERMEDIATE_KEY
 
 
 class PruningHook(HookBase):
@@ -42,7 +42,8 @@ def train_trial(run_dir: str, config_yaml: str, seed: int, reporter: Any, writer
     The sweep's task signature: ``(run_dir, config_yaml, seed, reporter, writer)``. ``writer``
     is the trial's W&B writer (tags ``study:<name>``, ``trial:<n>``), owned by the worker.
     """
-    from maps.engine.train import config_from_yaml_text, train
+    from maps.config import config_from_yaml_text
+    from maps.engine.train import train
 
     cfg = config_from_yaml_text(config_yaml)
     cfg.defrost()

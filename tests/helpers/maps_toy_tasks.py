@@ -1,7 +1,8 @@
 """Small deterministic tasks with the training task's signature, for the launcher's tests.
 
-They live in the package (not in tests/) because Slurm and local jobs import them by path
-(``"maps.testing:toy_train"``) in a fresh interpreter. Each reads its knobs from an optional
+Slurm and local jobs import them by path (``"maps_toy_tasks:toy_train"``) in a fresh
+interpreter: tests/conftest.py puts this folder on ``PYTHONPATH`` (inherited by the jobs) and
+names the module in ``MAPS_TASK_MODULES``, the only way a task outside ``maps`` is accepted. Each reads its knobs from an optional
 ``TOY`` section of the config YAML, so a test controls a job through the config it launches::
 
     TOY: {STEPS: 20, SLEEP: 0.5, FAIL: false}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterator, List, Set, Tuple
 
 from maps.errors import ConfigError
-from maps.registry import Experiment, Registry, check_maps_values
+from maps.registry.experiments import Experiment, Registry, check_maps_values
 
 
 def check_registry(registry: Registry) -> None:

@@ -138,7 +138,7 @@ def _finite_numbers(record: Mapping[str, Any]) -> Dict[str, float]:
 # run store
 # ----------------------------------------------------------------------------------------------
 class RunStoreSource(RunSource):
-    """Runs of a :class:`maps.runstore.RunStore`: ``status.json`` and ``final.json`` per run."""
+    """Runs of a :class:`maps.launch.runstore.RunStore`: ``status.json`` and ``final.json`` per run."""
 
     def __init__(self, store: Any) -> None:
         super().__init__()
@@ -146,7 +146,7 @@ class RunStoreSource(RunSource):
         self.description = f"run store {store.root}"
 
     def _collect(self, known: set) -> RunIndex:
-        from maps.runstore import FINAL_FILE, STATUS_FILE, RunStoreError
+        from maps.launch.runstore import FINAL_FILE, STATUS_FILE, RunStoreError
 
         index = RunIndex()
         root = Path(self.store.root)

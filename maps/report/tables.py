@@ -1,15 +1,15 @@
 """The paper's Tables 1-8, regenerated from logged runs, with the paper's numbers beside them.
 
 :func:`build_table` turns the registry's rows of one table and a run source (the run store, or
-W&B: :mod:`maps.report_sources`) into a :class:`Table`: one row per experiment, one cell per
+W&B: :mod:`maps.report.sources`) into a :class:`Table`: one row per experiment, one cell per
 metric column, each cell the mean and sample standard deviation (``ddof=1``) over the seeds
 that finished, with ``n``, the paper's number and the difference. Rows without a finished run
 say what is missing (queued, running, failed, not launched) instead of a number.
 
 Ablation rows are also compared with the table's baseline row (:data:`BASELINES`: the row the
 paper compares against) by Welch's t-test over seeds, beside the gain the paper claims, so a
-reader sees which of the paper's claims the runs support. :mod:`maps.report_render` writes
-Markdown, LaTeX (booktabs) and CSV; :mod:`maps.report_plots` draws the PNGs.
+reader sees which of the paper's claims the runs support. :mod:`maps.report.render` writes
+Markdown, LaTeX (booktabs) and CSV; :mod:`maps.report.plots` draws the PNGs.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from maps.errors import ConfigError
-from maps.report_sources import RunIndex, RunSource, RunStoreSource, WandbSource
+from maps.report.sources import RunIndex, RunSource, RunStoreSource, WandbSource
 
 __all__ = [
     "BASELINES",
@@ -33,8 +33,6 @@ __all__ = [
     "welch_test",
     "build_table",
     "build_tables",
-    "render",
-    "write_tables",
 ]
 
 #: The baseline row of each table (by suite): the row the paper's text compares the others
@@ -385,7 +383,7 @@ def build_table(registry: Any, source: Any, table: int, suite: str = "paper",
 
 
 def as_source(source: Any) -> RunSource:
-    """A RunSource as is; a :class:`maps.runstore.RunStore` wrapped in :class:`RunStoreSource`."""
+    """A RunSource as is; a :class:`maps.launch.runstore.RunStore` wrapped in :class:`RunStoreSource`."""
     if isinstance(source, RunSource):
         return source
     if hasattr(source, "iter_runs") and hasattr(source, "root"):
@@ -420,20 +418,6 @@ def build_tables(registry: Any, source: Any, tables: Any = "all", suite: str = "
     for t in built:
         warnings += t.warnings
     return Report(built, list(dict.fromkeys(warnings)))
-
-
-def render(table: Table, fmt: str = "md") -> str:
-    """``table`` as Markdown (``md``), LaTeX with booktabs (``latex``) or CSV (``csv``)."""
-    from maps.report_render import render as _render
-
-    return _render(table, fmt)
-
-
-def write_tables(report: Report, out_dir: Any, formats: Sequence[str] = ("md", "latex", "csv")) -> List[Any]:
-    """Write each table of ``report`` as ``<out_dir>/<suite>/table<N>.{md,tex,csv}`` (atomic)."""
-    from maps.report_render import write_tables as _write
-
-    return _write(report, out_dir, formats)
 
 
 __all__ += ["as_source", "table_numbers", "RunStoreSource", "WandbSource"]

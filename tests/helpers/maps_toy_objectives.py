@@ -1,6 +1,6 @@
 """A cheap, deterministic sweep objective with the trial task's signature, for tests and demos.
 
-Workers import it by path (``task: maps.sweep_testing:toy_objective`` in a sweep file) in a
+Workers import it by path (``task: maps_toy_objectives:toy_objective`` in a sweep file) in a
 fresh interpreter, so its knobs come from the environment (inherited by local and Slurm jobs):
 
 * ``MAPS_SWEEP_TOY_SLEEP``: seconds per evaluation (default 0), to keep trials in flight;

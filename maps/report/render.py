@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence
 
 from maps.errors import ConfigError
 from maps.io import atomic_write_text
-from maps.report import ALPHA
+from maps.report.tables import ALPHA
 
 __all__ = ["FORMATS", "EXTENSIONS", "render", "render_markdown", "render_latex", "render_csv",
            "write_tables", "latex_escape", "fmt_value"]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from maps.io import atomic_write_bytes
-from maps.report import TESTED_METRICS, Table
-from maps.report_sources import HISTORY_KEYS, RunSource
+from maps.report.tables import TESTED_METRICS, Table
+from maps.report.sources import HISTORY_KEYS, RunSource
 
 __all__ = ["plot_curves", "plot_pq_vs_k", "metric_curve", "write_plots"]
 

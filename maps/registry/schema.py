@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 
 from maps.errors import ConfigError
-from maps.registry import (
+from maps.registry.experiments import (
     _DEFAULT_KEYS, _ENTRY_KEYS, _FILE_KEYS, _NAME_RE, _POINT_KEYS, _SETUP_KEYS, CONFIDENCE,
     EVAL_ONLY_PREFIXES, METRICS, SUITES, TABLES, Experiment, TableInfo, expand_grid,
 )
@@ -321,7 +321,7 @@ def _resolve(e: _Entry, by_name: Dict[str, _Entry], done: Dict[str, Experiment],
 
 def _target(e: _Entry, name: str, key: str, by_name: Dict[str, _Entry]) -> _Entry:
     if name not in by_name:
-        from maps.registry import _suggest
+        from maps.registry.experiments import _suggest
 
         raise ConfigError(f"{e.where}: key '{key}': no experiment named '{name}'"
                           f"{_suggest(name, by_name)}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
-import json
 import os
 import re
 import socket
@@ -26,8 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from maps.errors import MapsError
 from maps.io import atomic_write_json, atomic_write_text
+from maps.engine.run_record import (
+    CONFIG_FILE,
+    FINAL_FILE,
+    STATUS_FILE,
+    WANDB_FILE,
+    RunRecordError,
+    read_json as _read_json,
+    read_metrics,
+)
+
+#: one error for every record of a run
+RunStoreError = RunRecordError
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,11 +49,6 @@ ACTIVE_STATES = ("queued", "running")
 #: States that mean the run ended without a result (relaunched only with retry_failed).
 FAILED_STATES = ("failed", "cancelled")
 
-STATUS_FILE = "status.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
-WANDB_FILE = "wandb.json"
-FINAL_FILE = "final.json"
 LOCK_FILE = ".launch.lock"
 
 #: Final metrics every training run reports (paper tables: PQ, PQ^Th, PQ^St, AP, mIoU).
@@ -51,10 +56,6 @@ FINAL_METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 _TRACEBACK_TAIL_LINES = 30
-
-
-class RunStoreError(MapsError):
-    """A run directory or record is invalid, or belongs to another run."""
 
 
 def default_runs_root() -> Path:
@@ -84,60 +85,6 @@ class RunRecord:
     @property
     def state(self) -> str:
         return str(self.status.get("state", "unknown"))
-
-
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunStoreError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise RunStoreError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def read_metrics(run_dir: PathLike) -> List[Dict[str, Any]]:
-    """Read ``metrics.json``: one record per iteration, in iteration order.
-
-    detectron2's JSONWriter appends, so after a resume the iterations between the last
-    checkpoint and the crash appear twice; the later lines are the ones of the run that went
-    on, so they win. Records of one iteration are merged (later keys override earlier ones)
-    because the writer also puts evaluation results on a second line of the same iteration.
-    A truncated last line (the job was killed mid-write) is ignored; a bad line anywhere else
-    is an error naming the file and line.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    by_iter: Dict[int, Dict[str, Any]] = {}
-    loose: List[Dict[str, Any]] = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == last:
-                break  # truncated tail of a killed writer
-            raise RunStoreError(f"{path}: line {i + 1} is not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise RunStoreError(f"{path}: line {i + 1} is not a JSON object")
-        if "iteration" not in rec:
-            loose.append(rec)
-            continue
-        it = int(rec["iteration"])
-        # pop first so that a re-logged iteration moves to its new position in the file
-        merged = by_iter.pop(it, {})
-        merged.update(rec)
-        by_iter[it] = merged
-    return [by_iter[k] for k in sorted(by_iter)] + loose
 
 
 class RunStore:

@@ -1,0 +1,89 @@
+"""What to run: a run (experiment, seed, config, task) and its prerequisites, and the task
+named by import path that a job calls."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Tuple
+
+
+from maps.errors import MapsError
+
+logger = logging.getLogger(__name__)
+
+
+EXECUTORS = ("slurm", "local", "debug")
+DEFAULT_TASK = "maps.engine.train:run_training"
+PREREQ_MARKER = "_COMPLETE"
+_PREREQ_JOB = ".prereq_job.json"
+_PREREQ_LOCK = ".prereq.lock"
+
+
+class LaunchError(MapsError):
+    """A launch could not be done as asked (bad run list, submission refused, prerequisite failed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrereqSpec:
+    """A job that must finish before some runs start (a memory bank, a neighbour cache).
+
+    ``task(output_dir, **kwargs)`` builds into ``output_dir``; the launcher writes the marker
+    ``output_dir/_COMPLETE`` once it returns, so a half-built output is never taken as done.
+    Specs with the same ``output_dir`` are the same prerequisite and are built once.
+    """
+
+    task: str
+    output_dir: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def marker(self) -> Path:
+        return Path(self.output_dir) / PREREQ_MARKER
+
+    def is_complete(self) -> bool:
+        return self.marker.is_file()
+
+
+@dataclass
+class RunSpec:
+    """One run: an experiment at one seed, with its resolved config and the task to run."""
+
+    experiment: str
+    seed: int
+    config: Any  # detectron2 CfgNode or YAML text
+    task: str = DEFAULT_TASK
+    prerequisites: Sequence[PrereqSpec] = ()
+    #: runs (experiment, seed) that must end ``done`` before this one starts: an evaluation
+    #: run's training run. On Slurm an ``afterok`` dependency; locally, a run launched later.
+    after: Sequence[Tuple[str, int]] = ()
+
+    def config_yaml(self) -> str:
+        if isinstance(self.config, str):
+            return self.config
+        dump = getattr(self.config, "dump", None)
+        if dump is None:
+            raise LaunchError(f"{self.experiment} seed {self.seed}: config must be a CfgNode or YAML text")
+        return dump()
+
+
+def resolve_task(path: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"``; a clear error names a bad path."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise LaunchError(f"task {path!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise LaunchError(f"task {path!r}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise LaunchError(f"task {path!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
