@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from maps.errors import ConfigError
 from maps.memory.tokens import MemoryTokens
+from maps.modeling.attention import ResidualAttention
 
 __all__ = [
     "SCENE",
@@ -105,7 +106,7 @@ def drop_memory(
 
 
 # --- the layer -----------------------------------------------------------------------------
-class MemoryCrossAttention(nn.Module):
+class MemoryCrossAttention(ResidualAttention):
     """Eq. 1: multi-head cross-attention of the queries to memory tokens, residual, LayerNorm.
 
     Built like Mask2Former's ``CrossAttentionLayer`` (post-norm unless ``normalize_before``)
@@ -113,16 +114,6 @@ class MemoryCrossAttention(nn.Module):
     softmax by ``key_padding_mask``. A query row whose image has no valid token would get an
     all ``-inf`` softmax (NaN); instead such rows are passed through unchanged (exactly).
     """
-
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False) -> None:
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
 
     def forward(
         self,
@@ -144,13 +135,8 @@ class MemoryCrossAttention(nn.Module):
             return tgt
         # rows without any valid token attend to everything (finite) and are discarded below
         key_padding_mask = memory_key_padding_mask & has_memory[:, None]
-        if self.normalize_before:
-            query = self.norm(tgt)
-            update = self._attend(query, memory, key_padding_mask, query_pos)
-            out = tgt + self.dropout(update)
-        else:
-            update = self._attend(tgt, memory, key_padding_mask, query_pos)
-            out = self.norm(tgt + self.dropout(update))
+        update = self._attend(self._normed(tgt), memory, key_padding_mask, query_pos)
+        out = self._residual(tgt, update)
         return torch.where(has_memory[None, :, None], out, tgt)
 
     def _attend(self, query: Tensor, memory: Tensor, key_padding_mask: Tensor, query_pos: Optional[Tensor]) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from maps.errors import ConfigError
 from maps.memory.tokens import MemoryTokens
+from maps.modeling.attention import ResidualAttention, with_pos, xavier_init
 from maps.modeling.memory_fusion import MemoryFusion
 from maps.modeling.position_encoding import PositionEmbeddingSine
 
@@ -66,26 +67,10 @@ def _activation(name: str):
     raise ValueError(f"activation should be relu/gelu/glu, not {name}")
 
 
-def _with_pos(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
-    return tensor if pos is None else tensor + pos
-
-
-def _xavier_init(module: nn.Module) -> None:
-    for p in module.parameters():
-        if p.dim() > 1:
-            nn.init.xavier_uniform_(p)
-
-
-class SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(ResidualAttention):
     """Self-attention among the queries, residual, LayerNorm (post-norm unless normalize_before)."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        _xavier_init(self)
+    attn_name = "self_attn"
 
     def forward(
         self,
@@ -94,23 +79,14 @@ class SelfAttentionLayer(nn.Module):
         tgt_key_padding_mask: Optional[Tensor] = None,
         query_pos: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.norm(tgt) if self.normalize_before else tgt
-        q = k = _with_pos(x, query_pos)
+        x = self._normed(tgt)
+        q = k = with_pos(x, query_pos)
         update = self.self_attn(q, k, value=x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
-        tgt = tgt + self.dropout(update)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, update)
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(ResidualAttention):
     """Queries attending to image features (masked by ``memory_mask``), residual, LayerNorm."""
-
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False) -> None:
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        _xavier_init(self)
 
     def forward(
         self,
@@ -121,16 +97,14 @@ class CrossAttentionLayer(nn.Module):
         pos: Optional[Tensor] = None,
         query_pos: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.norm(tgt) if self.normalize_before else tgt
         update = self.multihead_attn(
-            query=_with_pos(x, query_pos),
-            key=_with_pos(memory, pos),
+            query=with_pos(self._normed(tgt), query_pos),
+            key=with_pos(memory, pos),
             value=memory,
             attn_mask=memory_mask,
             key_padding_mask=memory_key_padding_mask,
         )[0]
-        tgt = tgt + self.dropout(update)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, update)
 
 
 class FFNLayer(nn.Module):
@@ -151,7 +125,7 @@ class FFNLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.activation = _activation(activation)
         self.normalize_before = normalize_before
-        _xavier_init(self)
+        xavier_init(self)
 
     def forward(self, tgt: Tensor) -> Tensor:
         x = self.norm(tgt) if self.normalize_before else tgt

@@ -8,8 +8,17 @@ import torch
 
 import maps.modeling.criterion as criterion_module
 from maps.config import get_maps_cfg
-from maps.modeling.criterion import SetCriterion, build_weight_dict, dice_loss, sigmoid_ce_loss
-from maps.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
+from maps.modeling.criterion import (
+    SetCriterion,
+    build_weight_dict,
+    dice_loss,
+    sigmoid_ce_loss,
+)
+from maps.modeling.matcher import (
+    HungarianMatcher,
+    batch_dice_cost,
+    batch_sigmoid_ce_cost,
+)
 from maps.modeling.point_sampling import (
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
@@ -17,15 +26,6 @@ from maps.modeling.point_sampling import (
 )
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- point sampling ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from maps_tiny_model import tiny_cfg as shared_tiny_cfg
 
 from maps.config import get_maps_cfg
 from maps.errors import ConfigError
@@ -24,15 +25,6 @@ FFN_256 = 256 * 2048 + 2048 + 2048 * 256 + 256 + LAYER_NORM_256  # 1,051,392
 PROJ_512 = 512 * 256 + 256                 # 131,328
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def full_cfg():
     cfg = get_maps_cfg()
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
@@ -40,17 +32,7 @@ def full_cfg():
 
 
 def tiny_cfg(enabled: bool = False, **maps):
-    cfg = get_maps_cfg()
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
-    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 16
-    mf = cfg.MODEL.MASK_FORMER
-    mf.HIDDEN_DIM, mf.NHEADS, mf.DIM_FEEDFORWARD, mf.NUM_OBJECT_QUERIES = 16, 2, 32, 6
-    cfg.MODEL.MAPS.ENABLED = enabled
-    cfg.MODEL.MAPS.SCENE_MEMORY_DIM = 8
-    cfg.MODEL.MAPS.OBJECT_MEMORY_DIM = 8
-    for key, value in maps.items():
-        setattr(cfg.MODEL.MAPS, key, value)
-    return cfg
+    return shared_tiny_cfg(enabled, **maps)
 
 
 def build(cfg, seed: int = 0, in_channels: int = 16):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from maps_tiny_model import tiny_cfg as shared_tiny_cfg
 
-from maps.config import get_maps_cfg
 from maps.errors import ConfigError
 from maps.memory.tokens import MemoryTokens
 from maps.modeling.memory_fusion import (
@@ -24,30 +24,8 @@ from maps.modeling.memory_fusion import (
 from maps.modeling.transformer_decoder import build_transformer_decoder
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(enabled: bool = True, **maps):
-    cfg = get_maps_cfg()
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
-    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 16
-    mf = cfg.MODEL.MASK_FORMER
-    mf.HIDDEN_DIM, mf.NHEADS, mf.DIM_FEEDFORWARD, mf.NUM_OBJECT_QUERIES = 16, 2, 32, 6
-    cfg.MODEL.MAPS.ENABLED = enabled
-    cfg.MODEL.MAPS.SCENE_MEMORY_DIM = 8
-    cfg.MODEL.MAPS.OBJECT_MEMORY_DIM = 8
-    for key, value in maps.items():
-        if key.startswith("TEST_"):
-            setattr(cfg.MODEL.MAPS.TEST, key[5:], value)
-        else:
-            setattr(cfg.MODEL.MAPS, key, value)
-    return cfg
+    return shared_tiny_cfg(enabled, **maps)
 
 
 def build(cfg, seed: int = 0):
