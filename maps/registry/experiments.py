@@ -280,10 +280,12 @@ class Registry:
     def select(self, selector: str, suite: Optional[str] = None) -> List[Experiment]:
         """Experiments matching ``selector``, in registry order.
 
-        ``selector`` is an experiment name (``ade20k/maps``), a table (``table6``, ``6``,
-        ``paper/table6``, ``synthetic/table6``: without a suite, every suite's rows of that
-        table), a name prefix (``ade20k/table5``), or a glob (``ade20k/*``, ``*/maps-aug*``).
-        Several selectors can be joined with commas. ``suite`` keeps only that suite.
+        ``selector`` is an experiment name (``ade20k/maps``), a table (``table6`` or ``6``:
+        the paper's Table 6, or the suite ``suite`` names; ``paper/table6``,
+        ``synthetic/table6``: that suite's), a name prefix (``ade20k/table5``), or a glob
+        (``ade20k/*``, ``*/maps-aug*``). Several selectors can be joined with commas.
+        ``suite`` keeps only that suite. A bare table never means the synthetic mirror unless
+        asked: ``maps launch table6`` on a GPU partition must not train the CPU mirror's rows.
         """
         if suite is not None and suite not in SUITES:
             raise ConfigError(f"unknown suite '{suite}' (expected one of {', '.join(SUITES)})")
@@ -291,7 +293,7 @@ class Registry:
         for part in (p.strip() for p in selector.split(",")):
             if not part:
                 continue
-            for e in self._select_one(part):
+            for e in self._select_one(part, suite):
                 chosen.setdefault(e.name, e)
         order = {name: i for i, name in enumerate(self._experiments)}
         out = sorted(chosen.values(), key=lambda e: order[e.name])
@@ -303,16 +305,16 @@ class Registry:
                               + _suggest(selector, self._experiments))
         return out
 
-    def _select_one(self, part: str) -> List[Experiment]:
+    def _select_one(self, part: str, suite: Optional[str] = None) -> List[Experiment]:
         if part in self._experiments:
             return [self._experiments[part]]
         m = _TABLE_SELECTOR_RE.match(part)
         if m and (m.group("suite") is None or m.group("suite") in SUITES):
-            table, suite = int(m.group("table")), m.group("suite")
+            table, suite = int(m.group("table")), m.group("suite") or suite or "paper"
             if table not in TABLES:
                 raise ConfigError(f"unknown table {table} in selector '{part}' "
                                   f"(the paper has tables {TABLES[0]}-{TABLES[-1]})")
-            return [e for e in self if e.table == table and suite in (None, e.suite)]
+            return [e for e in self if e.table == table and e.suite == suite]
         if any(c in part for c in "*?["):
             return [e for e in self if fnmatch.fnmatchcase(e.name, part)]
         prefix = part.rstrip("/") + "/"
