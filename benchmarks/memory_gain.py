@@ -91,9 +91,12 @@ def main(seeds: int, iterations: int, train_images: int, val_images: int, parall
          root: str, out: str) -> None:
     from rich.console import Console
 
-    from maps.demo import (DemoSize, configure_environment, drop_stale_products, ensure_dataset,
-                           ensure_memory, launch_with_progress, memory_spec, register_dataset,
-                           resized_experiment, run_specs, same_scene_rate, scenes_of)
+    from maps.data.synthetic import dataset_fingerprint
+    from maps.demo import (FINGERPRINT_FACT, DemoSize, configure_environment, demo_products,
+                           drop_stale_products, ensure_dataset, ensure_memory, launch_with_progress,
+                           memory_spec, refuse_unjudgeable, register_dataset, resized_experiment,
+                           run_specs, same_scene_rate, scenes_of)
+    from maps.launch.memory_jobs import memory_prereq
     from maps.registry import load_registry
     from maps.launch.runstore import RunStore
 
@@ -102,19 +105,23 @@ def main(seeds: int, iterations: int, train_images: int, val_images: int, parall
     size = DemoSize(train_images, val_images, iterations, tuple(range(seeds)), evals=1)
     root_p = Path(root).absolute()
     configure_environment(root_p / "datasets")
-    dataset_root, made = ensure_dataset(root_p / "datasets" / "synthetic", size)
-    if made:
-        drop_stale_products(root_p / "runs", console.print)
-    register_dataset(dataset_root)
     registry = load_registry()
     exps = [registry.get(BASELINE), registry.get(MEMORY)]
     spec = memory_spec(exps)
-    memory, _ = ensure_memory(spec, root_p / "runs", root_p / "datasets")
+    # memory and runs built from another dataset (an older format) are removed, as the demo does
+    planned = memory_prereq(spec, root_p / "runs", str(root_p / "datasets"))
+    products = demo_products(exps, size.seeds, RunStore(root_p / "runs"), planned)
+    dataset_root, _ = ensure_dataset(root_p / "datasets" / "synthetic", size,
+                                     before_regenerating=lambda: refuse_unjudgeable(products))
+    facts = {FINGERPRINT_FACT: dataset_fingerprint(dataset_root)}
+    store = RunStore(root_p / "runs", made_facts=facts)
+    drop_stale_products(products, facts[FINGERPRINT_FACT], console.print)
+    register_dataset(dataset_root)
+    memory, _ = ensure_memory(spec, root_p / "runs", root_p / "datasets", made_facts=facts)
     k = int(resized_experiment(exps[1], iterations).build_config().MODEL.MAPS.NUM_RETRIEVED)
     retrieval = same_scene_rate(Path(memory.output_dir) / "neighbors" / "synthetic_val.jsonl",
                                 scenes_of(dataset_root, "val"), scenes_of(dataset_root, "train"), k=k)
     console.print(f"val -> train {retrieval.describe()}")
-    store = RunStore(root_p / "runs")
     # interleave the two models so a stopped benchmark has both sides of as many seeds as possible
     specs = [s for pair in zip(*(run_specs([e], size, memory) for e in exps)) for s in pair]
     launch_with_progress(specs, store, parallel=parallel, console=console)

@@ -4,14 +4,36 @@ One place declares every key the library reads (detectron2 style): modules take 
 arguments through ``@configurable`` / ``from_config`` and never invent keys of their own.
 Mask2Former's keys keep the names of the original implementation so its config files load
 unchanged; MAPS's keys live under ``MODEL.MAPS``.
+
+Config files are data: :func:`merge_config_file` reads a file and its ``_BASE_`` chain with
+``yaml.safe_load`` only (detectron2's own ``merge_from_file`` defaults to an unsafe load, where
+a ``!!python/object/apply`` tag runs code), and :func:`check_maps_values` holds the range
+checks of the MAPS keys that the registry, the sweeps and ``maps train`` all apply.
+
+detectron2 (and torch) are imported inside the functions: the registry imports this module
+and must stay cheap for ``maps list``.
 """
 from __future__ import annotations
 
-from detectron2.config import CfgNode as CN
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+
+from maps.errors import ConfigError
+from maps.io import load_yaml
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode as CN
+
+#: key encoders (CLS keys and scene values) and dense extractors (object values) of Table 6
+KEY_ENCODERS = ("clip", "dino")
+DENSE_EXTRACTORS = ("clip", "dino", "maskclip", "tiledclip")
 
 
 def add_maskformer2_config(cfg: CN) -> None:
     """Mask2Former's keys, with the defaults of the original ``add_maskformer2_config``."""
+    from detectron2.config import CfgNode as CN
+
     cfg.INPUT.DATASET_MAPPER_NAME = "coco_panoptic_lsj"
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
@@ -75,6 +97,8 @@ def add_maskformer2_config(cfg: CN) -> None:
 
 def add_maps_memory_config(cfg: CN) -> None:
     """MAPS's keys (paper sections 3.2, 3.3 and the ablations of Tables 4-8)."""
+    from detectron2.config import CfgNode as CN
+
     cfg.MODEL.MAPS = CN()
     m = cfg.MODEL.MAPS
     m.ENABLED = False
@@ -113,9 +137,13 @@ def add_maps_memory_config(cfg: CN) -> None:
     m.MEMORY.BANK = ""            # bank directory (maps memory build)
     m.MEMORY.NEIGHBORS = ""       # neighbour cache, JSON lines (maps memory neighbors)
     m.MEMORY.KEY_ENCODER = "clip"  # clip | dino: CLS keys and scene values
-    m.MEMORY.KEY_ARCH = "ViT-B-16"
+    # OpenAI's CLIP ViT-B/16 (the paper's) was trained with QuickGELU: open_clip's
+    # "ViT-B-16-quickgelu"; plain "ViT-B-16" is GELU and refuses OpenAI checkpoints
+    m.MEMORY.KEY_ARCH = "ViT-B-16-quickgelu"
     m.MEMORY.DENSE = "tiledclip"   # clip | dino | maskclip | tiledclip: object values
-    m.MEMORY.WEIGHTS = ""         # local checkpoint; empty = random init from SEED
+    # a name of the pretrained cache (maps weights list: clip-vit-b16-openai, dino-vit-b16)
+    # or a local checkpoint; empty = random init from SEED
+    m.MEMORY.WEIGHTS = ""
     # dense extractor's own backbone when it differs from the key encoder's (e.g. DINO dense
     # features with CLIP keys); empty = that extractor's default architecture / random init
     m.MEMORY.DENSE_ARCH = ""
@@ -140,11 +168,176 @@ def get_maps_cfg() -> CN:
     return cfg
 
 
-def config_from_yaml_text(text: str) -> CN:
+def config_from_yaml_text(text: str, source: str = "run config") -> CN:
     """A resolved config (as written to a run directory) back to a CfgNode.
 
-    yacs parses it with ``yaml.safe_load``: a run's config.yaml is data, never code.
+    Parsed with ``yaml.safe_load``: a run's config.yaml is data, never code. ``source`` (the
+    file it came from) names the culprit of a :class:`ConfigError`.
     """
+    from detectron2.config import CfgNode as CN
+
+    data = load_yaml(source, text=text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
     cfg = get_maps_cfg()
-    cfg.merge_from_other_cfg(CN.load_cfg(text))
+    try:
+        cfg.merge_from_other_cfg(CN(data))
+    except KeyError as e:
+        raise ConfigError(f"{source}: {_yacs_message(e)}") from None
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"{source}: {_yacs_message(e)}") from None
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files, read as data
+# ---------------------------------------------------------------------------------------------
+BASE_KEY = "_BASE_"
+
+
+def load_config_yaml(path: "str | os.PathLike") -> Dict[str, Any]:
+    """A detectron2 config file merged over its ``_BASE_`` chain, as one mapping.
+
+    What fvcore's ``CfgNode.load_yaml_with_base`` does, but safely: ``yaml.safe_load`` only
+    (never the unsafe load detectron2 allows by default), local files only (fvcore would fetch
+    an ``https://`` base), a cycle of bases refused, and every problem a :class:`ConfigError`
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    return _load_with_base(path, (path.resolve(),))
+
+
+def _load_with_base(path: Path, chain: Tuple[Path, ...]) -> Dict[str, Any]:
+    data = load_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(data).__name__}")
+    if BASE_KEY not in data:
+        return data
+    bases = data.pop(BASE_KEY)
+    merged: Dict[str, Any] = {}
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"config file {path}: {BASE_KEY} must be a file path or a list of them, got {base!r}")
+        if "://" in base:
+            raise ConfigError(f"config file {path}: {BASE_KEY} {base!r}: only local files are read")
+        base_path = Path(os.path.expanduser(base))
+        if not base_path.is_absolute():
+            base_path = path.parent / base_path  # relative to the file that names it
+        if not base_path.is_file():
+            raise ConfigError(f"config file {path}: {BASE_KEY} {base_path} does not exist")
+        resolved = base_path.resolve()
+        if resolved in chain:
+            raise ConfigError(f"config file {path}: {BASE_KEY} {base_path} is a cycle of bases")
+        _merge_into(_load_with_base(base_path, chain + (resolved,)), merged, base_path, "")
+    _merge_into(data, merged, path, "")
+    return merged
+
+
+def _merge_into(a: Dict[str, Any], b: Dict[str, Any], path: Path, prefix: str) -> None:
+    """Merge ``a`` into ``b`` (``a`` wins), as fvcore merges a file over its base."""
+    for key, value in a.items():
+        if isinstance(value, dict) and key in b:
+            if not isinstance(b[key], dict):
+                raise ConfigError(f"config file {path}: key '{prefix}{key}' is a group here but a "
+                                  "value in its base")
+            _merge_into(value, b[key], path, f"{prefix}{key}.")
+        else:
+            b[key] = value
+
+
+def _yacs_message(err: BaseException) -> str:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(msg).split())
+
+
+def merge_config_file(cfg: CN, path: "str | os.PathLike") -> None:
+    """Merge a config file (and its ``_BASE_`` chain) into ``cfg``, reading it as data.
+
+    Replaces detectron2's ``cfg.merge_from_file`` (unsafe YAML by default), with its version
+    handling: a file of an older config version is upgraded as detectron2 does.
+
+    Raises:
+        ConfigError: naming the file: missing, not valid YAML, a tag that asks for a Python
+            object, an unknown key or a value of the wrong type.
+    """
+    from detectron2.config import CfgNode as CN
+    from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
+
+    loaded = load_config_yaml(path)
+    try:
+        loaded_cfg = CN(loaded)
+        version = loaded_cfg.get("VERSION", None)
+        if version is None:
+            version = guess_version(loaded_cfg, str(path))
+        if version > cfg.VERSION:
+            raise ConfigError(f"config file {path}: VERSION {version} is newer than this "
+                              f"detectron2's {cfg.VERSION}")
+        if version == cfg.VERSION:
+            cfg.merge_from_other_cfg(loaded_cfg)
+        else:
+            old = downgrade_config(cfg, to_version=version)
+            old.merge_from_other_cfg(loaded_cfg)
+            new = upgrade_config(old)
+            cfg.clear()
+            cfg.update(new)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"config file {path}: {_yacs_message(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Values a type check cannot catch
+# ---------------------------------------------------------------------------------------------
+def check_maps_values(cfg: CN) -> List[Tuple[str, str]]:
+    """Range checks of the MAPS keys a type check cannot catch: ``[(key, problem), ...]``.
+
+    Layer indices are 0-based decoder layers: ``DEC_LAYERS - 1`` of them (9 for the paper).
+    ``POOL_SIZE >= NUM_RETRIEVED`` is required only when Random-Sampling draws from the pool.
+    The registry, the sweeps and ``maps train`` (:func:`maps.engine.train.validate_config`)
+    all apply these checks.
+    """
+    problems: List[Tuple[str, str]] = []
+    m = cfg.MODEL.MAPS
+    n_layers = int(cfg.MODEL.MASK_FORMER.DEC_LAYERS) - 1
+    for key in ("SCENE_LAYERS", "OBJECT_LAYERS", "EXTRA_SELF_ATTN_LAYERS"):
+        layers = list(m[key])
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < n_layers]
+        if bad:
+            problems.append((f"MODEL.MAPS.{key}", f"layer index {bad[0]!r} outside 0..{n_layers - 1} "
+                             f"(the decoder has {n_layers} layers: DEC_LAYERS - 1)"))
+        elif len(set(layers)) != len(layers):
+            problems.append((f"MODEL.MAPS.{key}", f"repeated layer index in {layers}"))
+    shared = sorted(set(m.SCENE_LAYERS) & set(m.OBJECT_LAYERS))
+    if m.ENABLED and shared:
+        # the decoder refuses it too, but only when the model is built (in a job)
+        problems.append(("MODEL.MAPS.SCENE_LAYERS", f"layers {shared} are also in OBJECT_LAYERS "
+                         f"{list(m.OBJECT_LAYERS)}: a decoder layer takes at most one memory"))
+    for key in ("INPUT_MASKING_PROB", "LAYER_MASKING_PROB"):
+        p = m[key]
+        if not 0.0 <= p <= 1.0:
+            problems.append((f"MODEL.MAPS.{key}", f"{p!r} is not a probability in [0, 1]"))
+    if m.NUM_RETRIEVED < 1:
+        problems.append(("MODEL.MAPS.NUM_RETRIEVED", f"k must be >= 1, got {m.NUM_RETRIEVED}"))
+    if m.POOL_SIZE < 1:
+        problems.append(("MODEL.MAPS.POOL_SIZE", f"pool must be >= 1, got {m.POOL_SIZE}"))
+    elif m.RANDOM_SAMPLING and m.POOL_SIZE < m.NUM_RETRIEVED:
+        problems.append(("MODEL.MAPS.POOL_SIZE", f"pool {m.POOL_SIZE} < k {m.NUM_RETRIEVED}: "
+                         "Random-Sampling draws k of the pool"))
+    for key in ("SCENE_MEMORY_DIM", "OBJECT_MEMORY_DIM"):
+        if m[key] < 1:
+            problems.append((f"MODEL.MAPS.{key}", f"must be >= 1, got {m[key]}"))
+    if m.MEMORY.KEY_ENCODER not in KEY_ENCODERS:
+        problems.append(("MODEL.MAPS.MEMORY.KEY_ENCODER", f"{m.MEMORY.KEY_ENCODER!r} is not one "
+                         f"of {', '.join(KEY_ENCODERS)}"))
+    if m.MEMORY.DENSE not in DENSE_EXTRACTORS:
+        problems.append(("MODEL.MAPS.MEMORY.DENSE", f"{m.MEMORY.DENSE!r} is not one of "
+                         f"{', '.join(DENSE_EXTRACTORS)}"))
+    if cfg.SOLVER.MAX_ITER < 1:
+        problems.append(("SOLVER.MAX_ITER", f"must be >= 1, got {cfg.SOLVER.MAX_ITER}"))
+    return problems

@@ -11,6 +11,11 @@ machine), ``parallel`` of them at a time.
 Everything is idempotent: the dataset, the memory and the runs are reused when they are
 there (the run store refuses to launch a finished run twice), unless ``fresh``.
 
+The demo deletes only what it made: its folder (``fresh``), and the memory and runs it built
+from an earlier dataset, which it tells apart by the dataset fingerprint their maps markers
+recorded (:mod:`maps.io`). A folder without such a marker is never deleted: the demo stops
+and names it instead.
+
 :func:`same_scene_rate` is the check behind the claim that memory can help here: the fraction
 of retrieved neighbours from the query's own scene type, next to the rate chance gives.
 """
@@ -21,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from maps.errors import ConfigError, DatasetError, MapsError
+from maps.io import NotMadeByMapsError, made_by_maps, make_dir, remove_made
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ DEMO_EXPERIMENTS: Tuple[str, ...] = (
 )
 TRAIN_TASK = "maps.engine.train:run_training"
 DATASET_NAMES = ("synthetic_train", "synthetic_val")
+#: the kind of the demo folder's maps marker: what ``--fresh`` may delete
+DEMO_KIND = "demo"
+#: the fact of a memory's or a run's marker naming the dataset it was built from
+FINGERPRINT_FACT = "dataset_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,10 @@ def configure_environment(datasets_root: Path, wandb_dir: Optional[Path] = None)
 # ---------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------
-def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = True) -> Tuple[Path, bool]:
+def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = True,
+                   before_regenerating: Optional[Callable[[], None]] = None) -> Tuple[Path, bool]:
     """The synthetic dataset at ``root`` with the demo's sizes: reused if it matches, else
-    (re)generated. Returns (root, generated)."""
+    (re)generated, after ``before_regenerating()`` (which may refuse). Returns (root, generated)."""
     from maps.data.synthetic import MANIFEST_NAME, generate_synthetic_dataset, read_manifest
 
     from maps.errors import DatasetError
@@ -105,20 +115,68 @@ def ensure_dataset(root: Path, size: DemoSize, seed: int = 0, progress: bool = T
             if have == want and manifest.get("seed") == seed:
                 return root, False
             logger.info("%s holds another dataset (%s); regenerating", root, manifest.get("splits"))
+    if before_regenerating is not None and (root.exists() or root.is_symlink()):
+        before_regenerating()
     generate_synthetic_dataset(root, size.train_images, size.val_images, seed=seed,
                                overwrite=True, progress=progress)
     return root, True
 
 
-def drop_stale_products(runs_root: Path, say: Callable[[str], None] = print) -> None:
-    """After the dataset under ``runs_root`` was (re)generated, its memory and finished runs
-    describe other images: remove them, so they are rebuilt and retrained, not reused."""
-    from maps.memory.prepare import MEMORY_SUBDIR
+def _recorded_fingerprint(folder: Path, kind: str) -> Optional[str]:
+    return (made_by_maps(folder, kind) or {}).get(FINGERPRINT_FACT)
 
-    for stale in (Path(runs_root) / MEMORY_SUBDIR, Path(runs_root) / "synthetic"):
-        if stale.exists():
-            say(f"      the dataset changed: removing {stale} (built from the previous one)")
-            shutil.rmtree(stale)
+
+def refuse_unjudgeable(products: Sequence[Tuple[Path, str]]) -> None:
+    """Before the dataset is replaced: refuse if one of the demo's memory or run folders has no
+    recorded dataset fingerprint (made before maps marked its folders, or by ``maps launch``).
+    Once the dataset changed it could not be told stale or not; nothing is deleted, the
+    dataset is not replaced, and the error names the folder."""
+    unknown = [Path(f) for f, kind in products
+               if (Path(f).exists() or Path(f).is_symlink()) and _recorded_fingerprint(Path(f), kind) is None]
+    if unknown:
+        raise NotMadeByMapsError(
+            f"{unknown[0]} may be built from the previous dataset, but has no maps marker with "
+            f"its dataset fingerprint: not deleting it; remove it yourself if it is stale"
+            + (f" (and {len(unknown) - 1} more like it)" if len(unknown) > 1 else ""))
+
+
+def drop_stale_products(products: Sequence[Tuple[Path, str]], fingerprint: str,
+                        say: Callable[[str], None] = print) -> List[Path]:
+    """Remove the demo's memory and runs that were built from another dataset than
+    ``fingerprint`` (:func:`maps.data.synthetic.dataset_fingerprint`), so they are rebuilt and
+    retrained, not reused; returns the folders removed.
+
+    ``products`` are the exact folders the demo is about to use, with the kind of their maps
+    marker (``memory``, ``run``). Each is judged by the fingerprint its marker recorded: the
+    same, kept; another, removed (:func:`maps.io.remove_made`). One without a recorded
+    fingerprint is kept (see :func:`refuse_unjudgeable` for when the dataset changes).
+    """
+    stale = []
+    for folder, kind in products:
+        folder = Path(folder)
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        recorded = _recorded_fingerprint(folder, kind)
+        if recorded is not None and recorded != fingerprint:
+            stale.append((folder, kind, recorded))
+    for folder, kind, recorded in stale:
+        say(f"      the dataset changed: removing {folder} (built from dataset {recorded})")
+        remove_made(folder, kind)
+    return [folder for folder, _, _ in stale]
+
+
+def demo_products(exps: Sequence[Any], seeds: Sequence[int], store: Any,
+                  memory: Optional[Any]) -> List[Tuple[Path, str]]:
+    """The folders the demo's memory and runs live in, with the kind of their maps marker."""
+    from maps.launch.runstore import RUN_KIND
+    from maps.memory.prepare import MEMORY_KIND
+
+    out: List[Tuple[Path, str]] = [(Path(memory.output_dir), MEMORY_KIND)] if memory is not None else []
+    for exp in exps:
+        for seed in seeds:
+            experiment, _, _ = exp.run_name(seed).rpartition("/")
+            out.append((store.run_dir(experiment, seed), RUN_KIND))
+    return out
 
 
 def register_dataset(root: Path) -> None:
@@ -157,13 +215,15 @@ def memory_spec(experiments: Sequence[Any]) -> Optional[Dict[str, Any]]:
     return first
 
 
-def ensure_memory(spec: Mapping[str, Any], runs_root: Path, data_root: Path) -> Tuple[Any, bool]:
+def ensure_memory(spec: Mapping[str, Any], runs_root: Path, data_root: Path,
+                  made_facts: Optional[Mapping[str, Any]] = None) -> Tuple[Any, bool]:
     """The memory of ``spec`` as the launcher's prerequisite, built now if it is not complete.
 
     It is the same :class:`maps.launch.PrereqSpec` ``maps launch`` uses (bank and neighbour
     caches under ``<runs root>/_memory/...``, see :mod:`maps.memory.prepare`); the demo builds
     it in this process, before launching, so its progress bars are on screen and the
     same-scene rate can be shown before training starts. Returns (prereq, built).
+    ``made_facts`` go into the marker of the memory folder if this call makes it.
     """
     from maps.launch import PrereqTask
     from maps.launch.memory_jobs import memory_prereq
@@ -171,6 +231,7 @@ def ensure_memory(spec: Mapping[str, Any], runs_root: Path, data_root: Path) -> 
     prereq = memory_prereq(spec, runs_root, str(data_root))
     if prereq.is_complete():
         return prereq, False
+    make_dir(prereq.output_dir, prereq.kind, **dict(made_facts or {}))
     PrereqTask(prereq)()  # builds, then writes the marker the launcher checks
     return prereq, True
 
@@ -256,6 +317,13 @@ def run_specs(experiments: Sequence[Any], size: DemoSize, memory: Optional[Any])
             specs.append(RunSpec(experiment=experiment, seed=seed, config=cfg, task=TRAIN_TASK,
                                  prerequisites=prereqs))
     return specs
+
+
+def seed_major(specs: Sequence[Any]) -> List[Any]:
+    """The runs ordered seed by seed (Mask2Former, MAPS, ... of seed 0, then of seed 1): the
+    models of one seed train side by side on the same load, and a demo stopped early has
+    both sides of as many seeds as possible."""
+    return sorted(specs, key=lambda spec: spec.seed)  # stable: the experiments keep their order
 
 
 def _iteration_of(run_dir: Path) -> int:
@@ -362,6 +430,33 @@ def _schedule(pending: List[Any], running: List[Tuple[Any, Any, Any]], outcomes:
 # ---------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------
+def memory_verdict(table: Any, row: str = "synthetic/main/maps", metric: str = "PQ") -> str:
+    """One sentence with the demo's result: the ``row`` - baseline difference of ``metric``
+    over the seeds of each, with Welch's p (:func:`maps.report.welch_test`) and whether it is
+    significant at :data:`maps.report.ALPHA`."""
+    from maps.report import ALPHA
+
+    try:
+        mine, base = table.row(row), next(r for r in table.rows if r.is_baseline)
+    except (KeyError, StopIteration):
+        return f"no {row} row and baseline in the table: nothing to compare"
+    cell, base_cell = mine.cells[metric], base.cells[metric]
+    name = metric.replace("_", "^")
+    if not cell.values or not base_cell.values:
+        return f"{mine.label} or {base.label} has no finished run: nothing to compare"
+    c = cell.comparison
+    delta = cell.mean - base_cell.mean
+    how = "beats" if delta > 0 else "trails"
+    seeds = (f"{cell.n} seeds each" if cell.n == base_cell.n
+             else f"{cell.n} / {base_cell.n} seeds")
+    head = f"{mine.label} {how} {base.label} by {delta:+.2f} {name} over {seeds}"
+    if c is None or c.p_value is None:
+        return f"{head}: too few seeds for a significance test"
+    verdict = (f"significant at {ALPHA:g}" if c.p_value < ALPHA
+               else f"not significant at {ALPHA:g}")
+    return f"{head} (Welch p = {c.p_value:.3g}): {verdict}"
+
+
 @dataclass
 class DemoResult:
     """Where the demo's outputs are."""
@@ -376,6 +471,8 @@ class DemoResult:
     failed: List[str]
     table_text: str
     seconds: float
+    #: the result in one sentence (:func:`memory_verdict`)
+    verdict: str = ""
 
 
 def _wandb_dirs(store: Any, specs: Sequence[Any]) -> List[Path]:
@@ -405,8 +502,10 @@ def demo_registry(registry: Any, seeds: Sequence[int], iterations: int) -> Any:
                     {k: resize(v) for k, v in registry.alias_setups.items()})
 
 
-def write_report(store: Any, out_dir: Path, registry: Any, plots: bool = True) -> Tuple[str, List[Path], List[Path], List[str]]:
-    """The synthetic main table (Table 2 mirror) from the store into ``out_dir/synthetic``."""
+def write_report(store: Any, out_dir: Path, registry: Any, plots: bool = True
+                 ) -> Tuple[str, List[Path], List[Path], List[str], str]:
+    """The synthetic main table (Table 2 mirror) from the store into ``out_dir/synthetic``:
+    (its Markdown, table files, plot files, warnings, :func:`memory_verdict`)."""
     from maps.report import build_tables, render, write_tables
     from maps.report.sources import RunStoreSource
 
@@ -419,7 +518,7 @@ def write_report(store: Any, out_dir: Path, registry: Any, plots: bool = True) -
 
         plot_files = [Path(p) for p in write_plots(report, source, registry, out_dir)]
     text = "\n".join(render(t, "md") for t in report.tables)
-    return text, tables, plot_files, list(report.warnings)
+    return text, tables, plot_files, list(report.warnings), memory_verdict(report.tables[0])
 
 
 def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments: Sequence[str] = DEMO_EXPERIMENTS,
@@ -429,30 +528,39 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
 
     ``runs_root`` holds everything the demo makes besides the table: ``datasets/synthetic``,
     ``_memory/``, the run store (``synthetic/main/<row>/seed<k>``) and W&B's offline runs in
-    each run directory. ``fresh`` deletes it first.
+    each run directory. ``fresh`` deletes it first, if the demo made it (its maps marker):
+    another folder (a run store of real work, say) is refused, never deleted.
     """
-    from maps.registry import load_registry
-    from maps.launch.runstore import RunStore
-
     start = time.time()
     runs_root = Path(runs_root).absolute()
-    if fresh and runs_root.exists():
-        say(f"--fresh: removing {runs_root}")
-        shutil.rmtree(runs_root)
-    runs_root.mkdir(parents=True, exist_ok=True)
+    if fresh and remove_made(runs_root, DEMO_KIND):  # refuses a folder the demo did not make
+        say(f"--fresh: removed {runs_root}")
+    make_dir(runs_root, DEMO_KIND)  # marked only if the demo makes it
+
+    from maps.data.synthetic import dataset_fingerprint
+    from maps.launch.memory_jobs import memory_prereq
+    from maps.launch.runstore import RunStore
+    from maps.registry import load_registry
+
     datasets_root = runs_root / "datasets"
     configure_environment(datasets_root)
-
-    say(f"[1/5] synthetic dataset: {size.train_images} train / {size.val_images} val images")
-    dataset_root, made = ensure_dataset(datasets_root / "synthetic", size)
-    say(f"      {'generated' if made else 'reused'} {dataset_root}")
-    if made:
-        drop_stale_products(runs_root, say)
-    register_dataset(dataset_root)
-
     registry = load_registry()
     exps = [registry.get(name) for name in experiments]
     mem_spec = memory_spec(exps)
+
+    planned = memory_prereq(mem_spec, runs_root, str(datasets_root)) if mem_spec is not None else None
+    products = demo_products(exps, size.seeds, RunStore(runs_root), planned)
+
+    say(f"[1/5] synthetic dataset: {size.train_images} train / {size.val_images} val images")
+    dataset_root, made = ensure_dataset(datasets_root / "synthetic", size,
+                                        before_regenerating=lambda: refuse_unjudgeable(products))
+    say(f"      {'generated' if made else 'reused'} {dataset_root}")
+    fingerprint = dataset_fingerprint(dataset_root)
+    facts = {FINGERPRINT_FACT: fingerprint}
+    store = RunStore(runs_root, made_facts=facts)
+    drop_stale_products(products, fingerprint, say)
+    register_dataset(dataset_root)
+
     memory = retrieval = None
     if mem_spec is not None:
         say(f"[2/5] memory: bank of {mem_spec['dataset']} with {mem_spec['key_encoder']} "
@@ -460,7 +568,7 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
         if not mem_spec.get("weights"):
             say("      NOTE: the encoders are randomly initialised (no weights can be downloaded "
                 "here), so retrieval ranks images by random-feature similarity")
-        memory, built = ensure_memory(mem_spec, runs_root, datasets_root)
+        memory, built = ensure_memory(mem_spec, runs_root, datasets_root, made_facts=facts)
         say(f"      {'built' if built else 'reused'} {memory.output_dir}")
         k = max(int(e.build_config().MODEL.MAPS.NUM_RETRIEVED) for e in exps if e.memory_spec())
         retrieval = same_scene_rate(Path(memory.output_dir) / "neighbors" / "synthetic_val.jsonl",
@@ -469,8 +577,7 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
     else:
         say("[2/5] memory: none of the experiments uses memory")
 
-    store = RunStore(runs_root)
-    specs = run_specs(exps, size, memory)
+    specs = seed_major(run_specs(exps, size, memory))
     say(f"[3/5] training + evaluation: {len(specs)} runs x {size.iterations} iterations, "
         f"{parallel} at a time, one thread each (W&B mode: {os.environ['WANDB_MODE']})")
     launch_with_progress(specs, store, parallel=parallel, console=console)
@@ -482,9 +589,10 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
                           f"({status.get('error') or 'see ' + str(status.get('log_stderr'))})")
 
     say(f"[4/5] tables: synthetic Table 2 mirror -> {Path(out_dir) / 'synthetic'}")
-    text, tables, plot_files, warnings = write_report(
+    text, tables, plot_files, warnings, verdict = write_report(
         store, Path(out_dir), demo_registry(registry, size.seeds, size.iterations), plots=plots)
     for w in warnings:
         say(f"      warning: {w}")
     return DemoResult(runs_root, dataset_root, Path(memory.output_dir) if memory else None, tables, plot_files,
-                      _wandb_dirs(store, specs), retrieval, failed, text, time.time() - start)
+                      _wandb_dirs(store, specs), retrieval, failed, text, time.time() - start,
+                      verdict)

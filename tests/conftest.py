@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+# A private, empty weights cache: no test reads or writes the user's ~/.cache/maps
+import tempfile  # noqa: E402
+
+os.environ["MAPS_WEIGHTS"] = tempfile.mkdtemp(prefix="maps-test-weights-")
 # No hub downloads (no network here anyway; fail at once instead of retrying).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One intra-op thread per test process (and the processes it starts): the suite runs many

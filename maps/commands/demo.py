@@ -51,6 +51,12 @@ def demo_command(quick: bool, fresh: bool, runs_root: Optional[str], out_dir: Op
 
     console.rule("[5/5] synthetic main results (mirrors paper Table 2)")
     click.echo(result.table_text)
+    if quick:
+        console.print(f"[bold yellow]--quick is a smoke run ({size.iterations} iterations, "
+                      f"{size.train_images} training images, {len(size.seeds)} seed): its numbers "
+                      "mean nothing; run `maps demo` for the measurement[/]")
+    elif result.verdict:
+        console.print(f"[bold]Result: {result.verdict}.[/]")
     if result.retrieval is not None:
         console.print(f"memory: {result.retrieval.describe()}; encoders randomly initialised")
     console.print(f"tables: {', '.join(str(p) for p in result.table_files)}")

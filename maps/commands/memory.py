@@ -14,13 +14,15 @@ def memory() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bank directory.")
 @click.option("--encoder", type=click.Choice(["clip", "dino"]), default="clip", show_default=True,
               help="Key (CLS) encoder.")
-@click.option("--arch", default=None, help="Key encoder architecture (default ViT-B-16 / "
-              "vit_base_patch16_224; tiny: ViT-Tiny-16, vit_tiny2_patch16_224).")
+@click.option("--arch", default=None, help="Key encoder architecture (default "
+              "ViT-B-16-quickgelu, OpenAI's CLIP / vit_base_patch16_224; tiny: ViT-Tiny-16, "
+              "vit_tiny2_patch16_224).")
 @click.option("--dense", type=click.Choice(["clip", "dino", "maskclip", "tiledclip"]),
               default="tiledclip", show_default=True, help="Dense extractor of the object memory.")
 @click.option("--dense-arch", default=None, help="Dense architecture when its backbone differs.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False),
-              help="Local checkpoint of the key encoder; none: random init from --seed.")
+              help="Key encoder weights: a weights-cache name (maps weights list, e.g. "
+                   "clip-vit-b16-openai) or a local file; none: random init from --seed.")
 @click.option("--dense-weights", default=None, type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
@@ -89,7 +91,8 @@ def neighbors(bank, dataset, out, k, search, first_pass, batch_size) -> None:
 
 @memory.command("info")
 @click.option("--bank", required=True, type=click.Path(file_okay=False))
-@click.option("--verify", is_flag=True, help="Re-hash every array against the manifest.")
+@click.option("--verify", is_flag=True, help="Re-hash every array and the index against the "
+              "manifest, ignoring (and renewing) the verification cache that runs rely on.")
 def info(bank, verify) -> None:
     """Describe (and optionally verify) a bank."""
     from maps.memory.bank import MemoryBank
@@ -100,7 +103,50 @@ def info(bank, verify) -> None:
     click.echo(f"key encoder:   {describe_identity(b.key_encoder)}")
     click.echo(f"dense encoder: {describe_identity(b.dense_encoder)}")
     if verify:
-        click.echo("all array hashes match the manifest")
+        indexed = "and the index " if "index" in b.manifest else ""
+        click.echo(f"all array hashes {indexed}match the manifest")
+
+
+@memory.command("index")
+@click.option("--bank", required=True, type=click.Path(file_okay=False))
+@click.option("--index", type=click.Choice(["hnsw", "flat"]), default=None,
+              help="Index kind (default: the stored index's, else hnsw).")
+def index(bank, index) -> None:
+    """Rebuild a bank's FAISS index from its verified keys and record its sha256.
+
+    What a bank built before indexes were hashed needs before a run accepts it."""
+    from dataclasses import asdict
+
+    from maps.memory.bank import MemoryBank
+    from maps.memory.index import IndexParams, load_or_build_index
+
+    b = MemoryBank(bank)
+    b.verify(index=False)  # the keys the index is built from
+    params = IndexParams(kind=index) if index else _stored_index_params(b)
+    load_or_build_index(b.path, b.scene_keys, params, rebuild=True)
+    b = MemoryBank(bank)
+    b.verify()
+    click.echo(f"{b.path / 'index.faiss'}: {params.kind} index over {b.num_images} keys, sha256 "
+               f"{b.manifest['index']['sha256'][:12]}... recorded in the manifest "
+               f"({asdict(params)})")
+
+
+def _stored_index_params(bank):
+    """The settings of the bank's current index (manifest, else index.json), or the defaults."""
+    import json
+
+    from maps.memory.index import IndexParams
+
+    stored = bank.manifest.get("index", {}).get("params")
+    if stored is None:
+        try:
+            stored = json.loads((bank.path / "index.json").read_text()).get("params")
+        except (OSError, ValueError, AttributeError):
+            stored = None
+    try:
+        return IndexParams(**stored) if isinstance(stored, dict) else IndexParams()
+    except TypeError:
+        return IndexParams()
 
 
 COMMANDS = [memory]

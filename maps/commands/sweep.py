@@ -5,6 +5,7 @@ Heavy imports (optuna, submitit, detectron2) stay inside the command body.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import click
@@ -22,9 +23,12 @@ from maps.errors import MapsError
               show_default=True)
 @click.option("--profile", type=click.Path(dir_okay=False), default=None,
               help="Cluster profile YAML for the workers (slurm/profiles/*.yaml).")
-@click.option("--storage", default=None,
+@click.option("--storage", default=None, envvar="MAPS_OPTUNA_STORAGE",
               help="Optuna storage: an RDB URL (postgresql://, mysql://) or journal:PATH; "
-                   "default: a journal file <runs-root>/sweep/NAME/journal.log.")
+                   "default: a journal file <runs-root>/sweep/NAME/journal.log. A URL with a "
+                   "password is better given as env MAPS_OPTUNA_STORAGE (kept out of ps and "
+                   "the shell history); it is shown masked and reaches the workers through "
+                   "their environment, never their pickled jobs.")
 @click.option("--runs-root", type=click.Path(file_okay=False), envvar="MAPS_RUNS", default="runs",
               show_default=True, help="Run store root (env MAPS_RUNS).")
 @click.option("--best", is_flag=True, help="Print the best trial's parameters and metrics.")
@@ -36,10 +40,14 @@ from maps.errors import MapsError
               help="Folder of --report (default results/sweeps/NAME).")
 @click.option("--detach", is_flag=True, help="Return once the workers are submitted (Slurm); "
                                              "`maps status sweep/NAME` follows them.")
+@click.option("--allow-random-weights", is_flag=True,
+              help="Train trials whose pretrained files are not in the weights cache from random "
+                   "weights instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def sweep_command(name: str, trials: int, parallel: int, executor: str, profile: Optional[str],
                   storage: Optional[str], runs_root: str, best: bool, register: Optional[str],
-                  report: bool, out: Optional[str], detach: bool, as_json: bool) -> None:
+                  report: bool, out: Optional[str], detach: bool, allow_random_weights: bool,
+                  as_json: bool) -> None:
     """Tune the study NAME (sweeps/NAME.yaml): run workers, or show --best, or --report.
 
     Running it again continues the same study; trials of workers that died are marked failed.
@@ -76,8 +84,16 @@ def sweep_command(name: str, trials: int, parallel: int, executor: str, profile:
             for f in files.values():
                 click.echo(f"wrote {f}", err=as_json)
         return
-    result = run_sweep(spec, trials=trials, parallel=parallel, executor=executor, storage=storage,
-                       runs_root=runs_root, profile=profile, wait=not detach)
+    from maps.weights.runs import MissingWeights
+
+    try:
+        result = run_sweep(spec, trials=trials, parallel=parallel, executor=executor, storage=storage,
+                           runs_root=runs_root, profile=profile, wait=not detach,
+                           allow_random_weights=allow_random_weights)
+    except MissingWeights as e:
+        for line in e.lines:
+            click.echo("error: " + " ".join(line.split()), err=True)
+        sys.exit(2)
     if as_json:
         click.echo(json.dumps({"study": result.study, "storage": result.storage,
                                "target": result.target, "trials_by_worker": result.trials_by_worker,

@@ -4,6 +4,7 @@ Reads only the registry YAML and the run records (or the W&B API): no torch, no 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import click
@@ -25,8 +26,9 @@ _TABLE_CHOICES = ["all", *(str(n) for n in range(1, 9))]
 @click.option("--project", envvar="WANDB_PROJECT", default=None, help="W&B project (env WANDB_PROJECT).")
 @click.option("--wandb-timeout", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="Seconds before an unreachable W&B API is given up.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results", show_default=True,
-              help="Folder for <suite>/table<N>.{md,tex,csv} and the PNG plots.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for <suite>/table<N>.{md,tex,csv} and the PNG plots (default: "
+                   "RUNS_ROOT/_tables, beside the runs they come from; publish with --out results).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Also draw metric-over-iterations curves (and PQ vs k for Table 8).")
 @click.option("--print/--no-print", "echo", default=True, show_default=True,
@@ -45,6 +47,7 @@ def tables_command(which: str, suite: str, formats: Sequence[str], source: str, 
     from maps.launch.runstore import RunStore
 
     formats = tuple(dict.fromkeys(formats)) or ("md", "latex", "csv")
+    out_dir = out_dir or str(Path(runs_root) / "_tables")
     registry = load_registry(root, validate=False)
     if source == "wandb":
         run_source = WandbSource(LiveWandbApi(timeout=wandb_timeout), entity, project or "")

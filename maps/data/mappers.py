@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 MemoryFn = Callable[[Dict], Mapping]
 
+#: bytes of decoded images and panoptic ids one mapper keeps in memory (see
+#: :class:`DecodedCache`); 0 turns the cache off
+DECODED_CACHE_BYTES = 256 * 2**20
+
 
 def _lsj(cfg, is_train: bool) -> List[T.Augmentation]:
     if not is_train:
@@ -145,6 +149,45 @@ def _semantic_map(pan: np.ndarray, segments: List[Dict]) -> np.ndarray:
     return sem
 
 
+class DecodedCache:
+    """Decoded, checked images and panoptic ids of files already read, up to ``max_bytes``.
+
+    A training run reads every image once per epoch; a small dataset (the synthetic one: 400
+    images of 128 px, ~45 MB decoded) is decoded and checked once instead. A dataset that
+    does not fit is not cached at all: the first time the budget overflows, the cache empties
+    and turns itself off (with random access a partial cache would hardly ever hit, and COCO
+    would hold the budget's memory in every data-loader worker for nothing). Entries are
+    handed out as copies, so nothing downstream can change what the next epoch gets.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+        self._items: Dict[tuple, tuple] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def get(self, key: tuple) -> Optional[tuple]:
+        item = self._items.get(key)
+        return None if item is None else tuple(None if a is None else a.copy() for a in item)
+
+    def put(self, key: tuple, arrays: tuple) -> None:
+        if not self.enabled or key in self._items:
+            return
+        size = sum(a.nbytes for a in arrays if a is not None)
+        if self.used + size > self.max_bytes:
+            self._items.clear()
+            self.used = self.max_bytes = 0
+            return
+        self._items[key] = tuple(None if a is None else a.copy() for a in arrays)
+        self.used += size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class PanopticDatasetMapper:
     """Dataset dict -> model input for panoptic training (Mask2Former's targets).
 
@@ -164,12 +207,16 @@ class PanopticDatasetMapper:
         image_format: str,
         size_divisibility: int = -1,
         memory_fn: Optional[MemoryFn] = None,
+        cache_bytes: Optional[int] = None,
     ):
+        """``cache_bytes``: the :class:`DecodedCache` budget (default
+        :data:`DECODED_CACHE_BYTES`; 0: read every image from disk every time)."""
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.size_divisibility = size_divisibility
         self.memory_fn = memory_fn
+        self.cache = DecodedCache(DECODED_CACHE_BYTES if cache_bytes is None else cache_bytes)
         # the category-area crop looks at a semantic map; build one only when it is used
         self._needs_sem_seg = any(
             isinstance(a, T.RandomCrop_CategoryAreaConstraint) and a.single_category_max_area < 1.0
@@ -198,24 +245,13 @@ class PanopticDatasetMapper:
             dataset_dict["memory"] = memory
         self.attach_memory(dataset_dict)
 
-        image = _read_image(dataset_dict, self.image_format)
-        dataset_dict.setdefault("height", image.shape[0])
-        dataset_dict.setdefault("width", image.shape[1])
         segments = dataset_dict.pop("segments_info", None)
         pan_file = dataset_dict.pop("pan_seg_file_name", None)
         dataset_dict.pop("sem_seg_file_name", None)
         dataset_dict.pop("annotations", None)
-
-        pan = None
-        if self.is_train:
-            if pan_file is None or segments is None:
-                raise DatasetError(f"{dataset_dict['file_name']}: training needs 'pan_seg_file_name' "
-                                   f"and 'segments_info' in the dataset dict (a panoptic dataset)")
-            pan = read_panoptic_png(pan_file)
-            if pan.shape != image.shape[:2]:
-                raise DatasetError(f"{pan_file}: panoptic PNG is {pan.shape[1]}x{pan.shape[0]}, "
-                                   f"its image {image.shape[1]}x{image.shape[0]}")
-            _check_segments(pan_file, pan, segments, dataset_dict.get("image_id"))
+        image, pan = self._decoded(dataset_dict, pan_file, segments)
+        dataset_dict.setdefault("height", image.shape[0])
+        dataset_dict.setdefault("width", image.shape[1])
 
         sem = _semantic_map(pan, segments) if pan is not None and self._needs_sem_seg else None
         aug_input = T.AugInput(image, sem_seg=sem)
@@ -229,6 +265,31 @@ class PanopticDatasetMapper:
         if pan is not None:
             dataset_dict["instances"] = self._targets(pan, segments, image.shape[:2])
         return dataset_dict
+
+    def _decoded(self, dataset_dict: Dict, pan_file: Optional[str], segments: Optional[List[Dict]]):
+        """The image and (training) the panoptic ids of ``dataset_dict``, read and checked, or
+        copies of what an earlier epoch read (:class:`DecodedCache`)."""
+        # the segment ids are part of the key: the PNG was checked against them
+        key = (dataset_dict["file_name"], pan_file if self.is_train else None,
+               tuple(int(seg["id"]) for seg in segments or ()) if self.is_train else ())
+        cached = self.cache.get(key)
+        if cached is not None:
+            image, pan = cached
+            return image, None if pan is None else pan.astype(np.int64)
+        image = _read_image(dataset_dict, self.image_format)
+        pan = None
+        if self.is_train:
+            if pan_file is None or segments is None:
+                raise DatasetError(f"{dataset_dict['file_name']}: training needs 'pan_seg_file_name' "
+                                   f"and 'segments_info' in the dataset dict (a panoptic dataset)")
+            pan = read_panoptic_png(pan_file)
+            if pan.shape != image.shape[:2]:
+                raise DatasetError(f"{pan_file}: panoptic PNG is {pan.shape[1]}x{pan.shape[0]}, "
+                                   f"its image {image.shape[1]}x{image.shape[0]}")
+            _check_segments(pan_file, pan, segments, dataset_dict.get("image_id"))
+        # ids are < 2^24 (three 8-bit channels): int32 holds them in half the bytes
+        self.cache.put(key, (image, None if pan is None else pan.astype(np.int32)))
+        return image, pan
 
     def _pad(self, image: np.ndarray, pan: Optional[np.ndarray]):
         """Pad bottom/right to a multiple of ``size_divisibility`` (image 128, label void 0)."""

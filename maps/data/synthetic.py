@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +36,12 @@ import numpy as np
 from PIL import Image
 
 from maps.errors import DatasetError
-from maps.io import atomic_write_json
+from maps.io import MADE_MARKER, atomic_write_json, current_umask, made_by_maps, mark_made, remove_made
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "dataset_fingerprint",
     "SCENES",
     "SYNTHETIC_CATEGORIES",
     "SyntheticScene",
@@ -505,39 +505,77 @@ def generate_synthetic_dataset(
 
     The files are built in a temporary sibling directory which is renamed to ``out`` only
     when complete (manifest last), so a crash never leaves a dataset that looks whole. An
-    existing ``out`` is refused unless ``overwrite``; it is then replaced in one rename.
+    existing ``out`` is refused unless ``overwrite``; it is then replaced in one rename, and
+    only if it is a dataset maps wrote (its ``.maps-made.json`` marker) or an empty folder:
+    anything else at ``out`` is never deleted. The new folder is marked as a ``dataset`` with
+    its :func:`dataset_fingerprint`.
     """
     out = Path(out).expanduser().absolute()
     if num_train < 1 or num_val < 1:
         raise DatasetError(f"{out}: --train and --val must be at least 1 (got {num_train}, {num_val})")
     if size < 32:
         raise DatasetError(f"{out}: --size must be at least 32 pixels (got {size})")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite to replace it")
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    mark_made(tmp, "dataset")  # so that a failure below removes it through remove_made
     try:
         counts = {}
         for split, n in (("train", num_train), ("val", num_val)):
             counts[split] = _write_split(tmp, split, n, seed, size, workers,
                                          _progress(progress, n, f"synthetic {split}"))
-        atomic_write_json(tmp / MANIFEST_NAME, {
+        manifest = {
             "format": "maps-synthetic-panoptic", "version": FORMAT_VERSION, "seed": seed,
             "size": size, "splits": counts, "scenes": list(SCENES),
             "categories": SYNTHETIC_CATEGORIES,
-        })
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        mark_made(tmp, "dataset", fingerprint=_fingerprint_of(manifest))
         _grant_umask_permissions(tmp)
+        if out.is_dir() and made_by_maps(out, "dataset") is None:
+            os.rmdir(out)  # the empty folder _check_replaceable allowed (rmdir refuses any other)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
             os.replace(out, old / "d")
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_made(old / "d", "dataset")
+            os.rmdir(old)
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            remove_made(tmp, "dataset")
         raise
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse, before any work, to replace what maps did not write at ``out``."""
+    if out.is_symlink():
+        raise DatasetError(f"{out} is a symbolic link: not replacing it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a dataset folder: not replacing it")
+    if made_by_maps(out, "dataset") is None and any(out.iterdir()):
+        raise DatasetError(f"{out} has no maps dataset marker ({MADE_MARKER}): not deleting it; "
+                           "remove it yourself if it is stale, or choose another --out")
+
+
+def _fingerprint_of(manifest: Dict) -> str:
+    import hashlib
+
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_fingerprint(root: Union[str, os.PathLike]) -> str:
+    """What identifies a synthetic dataset's content: a hash of its manifest (the generator
+    draws the same bytes from the same manifest). Products built from a dataset (memory,
+    runs) record it, so that they can be told stale when the dataset is regenerated."""
+    return _fingerprint_of(read_manifest(root))
 
 
 def _grant_umask_permissions(root: Path) -> None:
@@ -546,8 +584,7 @@ def _grant_umask_permissions(root: Path) -> None:
     ``mkdtemp`` / ``mkstemp`` create 0700 / 0600 entries; a dataset is shared between users
     and Slurm jobs, so it gets the modes a plain ``mkdir`` / ``open`` would have given.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(root, 0o777 & ~umask)
     for path in root.glob("*.json"):
         os.chmod(path, 0o666 & ~umask)

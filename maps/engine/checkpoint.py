@@ -7,12 +7,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from maps.errors import ConfigError
 from maps.io import atomic_write_text
+from maps.weights.files import SafePickleMixin
 
 __all__ = ["RunCheckpointer", "SafeCheckpointer"]
 
 
-class RunCheckpointer(DetectionCheckpointer):
-    """detectron2's checkpointer whose ``last_checkpoint`` tag is replaced atomically.
+class RunCheckpointer(SafePickleMixin, DetectionCheckpointer):
+    """detectron2's checkpointer whose ``last_checkpoint`` tag is replaced atomically, and
+    which reads detectron2 ``.pkl`` files (``MODEL.WEIGHTS: r50-imagenet``) with a numpy-only
+    unpickler instead of ``pickle.load`` (:class:`maps.weights.files.SafePickleMixin`).
 
     fvcore truncates the tag, then writes it: a SIGKILL in between (preemption) leaves an
     empty tag, and ``--resume`` then fails on "Checkpoint <run dir>/ not found".

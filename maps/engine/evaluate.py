@@ -13,7 +13,6 @@ with a message naming it.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict
 
@@ -49,17 +48,18 @@ def evaluate(cfg: CfgNode) -> Dict[str, float]:
     if not cfg.MODEL.WEIGHTS or not weights.is_file():
         raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}: the trained model to evaluate "
                           "is missing (has its training run finished?)")
+    memory = None
+    if cfg.MODEL.MAPS.ENABLED:
+        # bank, index and neighbour caches against the manifest, before anything is written
+        from maps.memory.wiring import verify_memory
+
+        memory = verify_memory(cfg, cfg.DATASETS.TEST)
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     setup_run_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
-    if cfg.MODEL.MAPS.ENABLED:
-        from maps.memory.wiring import bank_record
-
-        atomic_write_json(out / "memory.json", {
-            **bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
-            "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
-            "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)})
+    if memory is not None:
+        atomic_write_json(out / "memory.json", memory)
 
     model = build_model(cfg)
     model.eval()

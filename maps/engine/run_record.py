@@ -33,6 +33,10 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise RunRecordError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except OSError as e:
+        raise RunRecordError(f"{path}: unreadable ({e.strerror or e})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -57,6 +61,10 @@ def read_metrics(run_dir: PathLike) -> List[Dict[str, Any]]:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
+    except UnicodeDecodeError:
+        raise RunRecordError(f"{path}: not valid JSON lines (not UTF-8 text)") from None
+    except OSError as e:
+        raise RunRecordError(f"{path}: unreadable ({e.strerror or e})") from None
     by_iter: Dict[int, Dict[str, Any]] = {}
     loose: List[Dict[str, Any]] = []
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)

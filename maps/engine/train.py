@@ -2,19 +2,92 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Sequence
 
 from detectron2.config import CfgNode
 
-from maps.config import config_from_yaml_text
+from maps.config import check_maps_values, config_from_yaml_text
 from maps.engine.run_record import setup_run_logging
+from maps.errors import ConfigError
 from maps.io import atomic_write_json, atomic_write_text
+from maps.weights.runs import random_weight_keys, resolve_config_weights, weights_record
 
 logger = logging.getLogger("maps.train")
 
 FINAL_METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
+#: the run's record of its pretrained files (maps.weights.runs.weights_record)
+WEIGHTS_RECORD = "weights.json"
+#: learning-rate schedules the trainer builds (detectron2's three and Mask2Former's poly)
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR", "WarmupPolyLR")
+
+
+def validate_config(cfg: CfgNode, resume: bool = False) -> None:
+    """Every check of a training config that can be made before a run writes anything.
+
+    ``train`` calls it first, so a bad value never leaves a half-made (or a damaged) output
+    folder behind: the MAPS value checks (:func:`maps.config.check_maps_values`), the solver's
+    schedule, the datasets, ``OUTPUT_DIR`` and, with ``resume``, the checkpoint to resume.
+
+    Raises:
+        ConfigError: one line naming the key (or file) and what is wrong with it.
+    """
+    problems = check_maps_values(cfg) + _solver_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(f"{key}: {why}" for key, why in problems))
+    _check_datasets(cfg)
+    _check_output(cfg.OUTPUT_DIR, resume)
+
+
+def _solver_problems(cfg: CfgNode) -> list:
+    solver, problems = cfg.SOLVER, []
+    if solver.IMS_PER_BATCH < 1:
+        problems.append(("SOLVER.IMS_PER_BATCH", f"must be >= 1, got {solver.IMS_PER_BATCH}"))
+    if not solver.BASE_LR > 0:
+        problems.append(("SOLVER.BASE_LR", f"must be > 0, got {solver.BASE_LR}"))
+    if solver.CHECKPOINT_PERIOD < 1:
+        problems.append(("SOLVER.CHECKPOINT_PERIOD", f"must be >= 1, got {solver.CHECKPOINT_PERIOD}"))
+    if cfg.TEST.EVAL_PERIOD < 0:
+        problems.append(("TEST.EVAL_PERIOD", f"must be >= 0 (0: at the end only), got {cfg.TEST.EVAL_PERIOD}"))
+    if solver.LR_SCHEDULER_NAME not in LR_SCHEDULERS:
+        problems.append(("SOLVER.LR_SCHEDULER_NAME", f"{solver.LR_SCHEDULER_NAME!r} is not one of "
+                         f"{', '.join(LR_SCHEDULERS)}"))
+    elif solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
+        # detectron2 drops steps past MAX_ITER; the rest must rise strictly below MAX_ITER
+        steps = [s for s in solver.STEPS if s <= solver.MAX_ITER]
+        if any(s < 1 or s >= solver.MAX_ITER for s in steps) or steps != sorted(set(steps)):
+            problems.append(("SOLVER.STEPS", f"{list(solver.STEPS)}: learning-rate drops must rise "
+                             f"strictly, between 1 and SOLVER.MAX_ITER - 1 ({solver.MAX_ITER - 1})"))
+    return problems
+
+
+def _check_datasets(cfg: CfgNode) -> None:
+    import maps.data  # noqa: F401  (registers the library's datasets)
+    from detectron2.data import DatasetCatalog
+
+    known = set(DatasetCatalog.list())
+    for key in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS[key]:
+            if name not in known:
+                raise ConfigError(f"DATASETS.{key}: {name!r} is not a registered dataset")
+
+
+def _check_output(output_dir: str, resume: bool) -> None:
+    if not str(output_dir).strip():
+        raise ConfigError("OUTPUT_DIR is empty: give the run directory (--output)")
+    out = Path(output_dir)
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "is a file" if folder == out else f"is under {folder}, which is a file"
+                raise ConfigError(f"OUTPUT_DIR {out}: {where}, not a folder")
+            break
+    tag = out / "last_checkpoint"
+    if resume and tag.is_file():
+        name = tag.read_text().strip()
+        if not name or not (out / name).is_file():
+            raise ConfigError(f"{tag}: names checkpoint {name!r}, which is not in {out}: cannot "
+                              "--resume from it (remove the tag to start from scratch)")
 
 
 def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
@@ -23,7 +96,10 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     (PQ, PQ_th, PQ_st, AP, mIoU; percent) with the last iteration and the parameter count.
 
     ``writers`` get every scalar (and the final metrics, if they have ``log_final``);
-    ``hooks`` run after detectron2's default hooks (so after its evaluation)."""
+    ``hooks`` run after detectron2's default hooks (so after its evaluation).
+
+    The config is checked first (:func:`validate_config`): nothing is written for a bad one."""
+    validate_config(cfg, resume=resume)
     import maps.data  # noqa: F401  (registers datasets)
     import maps.modeling  # noqa: F401  (registers the meta-architecture)
     from maps.engine.trainer import MAPSTrainer
@@ -32,19 +108,24 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     memory = None
     if cfg.MODEL.MAPS.ENABLED:
         # checked before anything is written: a bad bank must not touch an existing run dir
-        # (bank present and complete, built with the configured encoders, caches of each set)
+        # (bank present and complete, every file matching the manifest's sha256, built with
+        # the configured encoders, caches of each set computed against it)
         from maps.engine.trainer import memory_attacher_for
-        from maps.memory.wiring import bank_record
+        from maps.memory.wiring import verify_memory
 
-        memory = {**bank_record(cfg.MODEL.MAPS.MEMORY.BANK),
-                  "neighbors": os.path.abspath(cfg.MODEL.MAPS.MEMORY.NEIGHBORS),
-                  "online": bool(cfg.MODEL.MAPS.MEMORY.ONLINE)}
+        memory = verify_memory(cfg, (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
         for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
             memory_attacher_for(cfg, name)
+    # MODEL.WEIGHTS as a file for detectron2's checkpointer (a cache name would be taken for
+    # a missing file: silently from scratch); refused here if a named file is missing
+    cfg = resolve_config_weights(cfg)
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     setup_run_logging(str(out))
     atomic_write_text(out / "config.yaml", cfg.dump())
+    # what the run started from: name, path and sha256 of every pretrained file, and the
+    # keys that started from a random initialisation
+    atomic_write_json(out / WEIGHTS_RECORD, {"weights": weights_record(cfg), "random": random_weight_keys(cfg)})
     if memory is not None:
         # the run names the memory it read: bank path and manifest hash, neighbour caches
         atomic_write_json(out / "memory.json", memory)

@@ -5,14 +5,24 @@ Three rules shape it (see shared notes on wandb 0.31):
 * The mode is decided *before* ``wandb.init``: online only when the user configured W&B (an
   API key in ``WANDB_API_KEY`` or a ``wandb login`` netrc entry) and did not ask for
   offline/disabled. Online without a key raises at once or prompts on a TTY; with a key but
-  no network ``init`` blocks for minutes: so no key means offline, and ``init_timeout`` is short.
+  no network ``init`` blocks for minutes: so no key means offline. With a key, the server is
+  first asked for any HTTP answer, at most ``REACH_TIMEOUT_S`` (5 s): an unreachable server
+  costs a run 5 s, not ``init_timeout``, and the run logs offline (one warning; ``wandb sync``
+  uploads it later). An online ``init`` that fails anyway also falls back to offline.
 * A W&B failure (init or log) is logged once as a warning and the writer becomes a no-op.
-* Resume: the run id lives in ``<run_dir>/wandb.json`` and is reused (``resume="allow"``);
-  W&B steps must only increase, so steps up to the last one logged before the restart are
-  skipped (detectron2 replays the iterations after its last checkpoint).
+* Resume: the run id lives in ``<run_dir>/wandb.json``, written *before* ``wandb.init`` is
+  tried, and is reused (``resume="allow"``) by every attempt of a requeued run, offline
+  fallbacks included. W&B steps must only increase, so steps W&B already holds are skipped
+  (detectron2 replays the iterations after its last checkpoint) and the others are logged
+  again: no gap and no duplicate in the history.
+* ``last_step`` in wandb.json is a floor W&B has *durably* stored, never ahead of it: it is
+  written at start (the highest step in the offline record logs of earlier attempts, or the
+  server's resumed step) and after ``finish()`` has flushed the run, never after a mere
+  ``log`` (the W&B process of a killed job may not have saved those steps: skipping them on
+  resume would leave holes).
 
 The API key is never read into a record: wandb.json holds the id, mode, project, entity, URL
-or offline directory, and the last logged step.
+or offline directory, and the last durably logged step.
 """
 from __future__ import annotations
 
@@ -20,7 +30,9 @@ import logging
 import netrc
 import os
 import secrets
+import struct
 import subprocess
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
@@ -33,6 +45,8 @@ from maps.engine import run_record
 logger = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
+#: the longest an unreachable W&B server may delay a run before it logs offline instead
+REACH_TIMEOUT_S = 5.0
 
 
 def has_wandb_credentials() -> bool:
@@ -65,6 +79,97 @@ def resolve_mode(mode: Optional[str] = None) -> str:
         logger.warning("W&B mode 'online' was asked for but no API key is configured "
                        "(WANDB_API_KEY or `wandb login`): logging offline instead")
     return "offline"
+
+
+def server_url() -> str:
+    """The W&B server this process would talk to (WANDB_BASE_URL, else W&B's cloud)."""
+    return (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+
+
+def server_unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> Optional[str]:
+    """None when ``url`` gives any HTTP answer (an error status included) within ``timeout``
+    seconds; else why not, in a few words.
+
+    The request runs in a daemon thread and is waited for ``timeout`` seconds in all (a DNS
+    lookup or a server that accepts and never answers cannot stretch it); proxies are taken
+    from the environment as W&B takes them. A TLS failure counts as reachable: the network
+    path works and W&B, with its own certificate store, decides.
+    """
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    outcome: Dict[str, str] = {}
+    done = threading.Event()
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # an answer
+        except urllib.error.URLError as e:
+            if not isinstance(e.reason, ssl.SSLError):
+                outcome["why"] = str(e.reason)
+        except Exception as e:  # socket timeouts, resets, bad URLs
+            outcome["why"] = f"{type(e).__name__}: {e}"
+        finally:
+            done.set()
+
+    threading.Thread(target=ask, name="wandb-reachability", daemon=True).start()
+    if not done.wait(timeout):
+        return f"no answer within {timeout:g} s"
+    return outcome.get("why")
+
+
+def persisted_step(run_dir: Union[str, os.PathLike], run_id: str) -> int:
+    """The highest history step W&B has written to the offline record logs
+    (``<run_dir>/wandb/offline-run-*-<id>/run-<id>.wandb``) of run ``run_id``; -1 if none.
+
+    These files are what ``wandb sync`` uploads: a step is in them or it is lost. The newest
+    file with any history decides (steps only increase across attempts); a record cut short by
+    a kill is not counted.
+    """
+    files = sorted(Path(run_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"), reverse=True)
+    for path in files:
+        steps = [r.history.step.num for r in _records(path) if r.WhichOneof("record_type") == "history"]
+        if steps:
+            return max(steps)
+    return -1
+
+
+_BLOCK, _HEADER = 32 * 1024, 7  # W&B's record log: leveldb-log framing, 32 KiB blocks
+
+
+def _records(path: Path) -> list:
+    """The complete Records of one ``run-<id>.wandb`` file, in file order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    out, pos, buf = [], _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if pos + _HEADER + length > len(data):
+            break  # cut short
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + _HEADER:pos + _HEADER + length], pos + _HEADER + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            try:
+                rec.ParseFromString(buf)
+            except Exception:
+                break
+            out.append(rec)
+    return out
 
 
 def git_commit(cwd: Optional[str] = None) -> Optional[str]:
@@ -114,22 +219,23 @@ class WandbWriter(EventWriter):
         project, entity: W&B destination; ``WANDB_PROJECT`` / ``WANDB_ENTITY`` if not given.
         mode: online / offline / disabled; None decides as :func:`resolve_mode` says.
         window_size: median window of smoothed scalars, as detectron2's other writers.
-        init_timeout_s: the longest ``wandb.init`` may take before the writer gives up.
+        init_timeout_s: the longest ``wandb.init`` may take before the writer gives up (on a
+            server that answered the reachability check).
+        reach_timeout_s: the longest the W&B server may take to give any HTTP answer before
+            the run logs offline (online mode only).
     """
 
     def __init__(self, run_dir: Union[str, os.PathLike], config: Any = None, tags: Optional[Iterable[str]] = None,
                  project: Optional[str] = None, entity: Optional[str] = None, mode: Optional[str] = None,
                  window_size: int = 20, name: Optional[str] = None, group: Optional[str] = None,
-                 init_timeout_s: float = 30.0) -> None:
+                 init_timeout_s: float = 30.0, reach_timeout_s: float = REACH_TIMEOUT_S) -> None:
         self.run_dir = Path(run_dir)
         self.window_size = window_size
         self._run = None
         self._warned = False
         self._last_write: Dict[str, int] = {}
         record = run_record.read_wandb(self.run_dir) or {}
-        # steps up to here were logged before a restart: W&B would drop them anyway
-        self._resume_floor = int(record.get("last_step", -1))
-        self._last_step = self._resume_floor
+        self._resume_floor = self._last_step = int(record.get("last_step", -1))
         self.mode = resolve_mode(mode)
         if self.mode == "disabled" or not _is_main_process():
             self.mode = "disabled"
@@ -139,20 +245,40 @@ class WandbWriter(EventWriter):
             "mode": self.mode,
             "project": project or os.environ.get("WANDB_PROJECT") or record.get("project") or "maps",
             "entity": entity or os.environ.get("WANDB_ENTITY") or record.get("entity"),
-            "last_step": self._last_step,
         }
+        # steps an earlier attempt's W&B durably stored: W&B drops them, or (offline) they
+        # would be in the history twice once synced
+        self._set_floor(persisted_step(self.run_dir, self._record["id"]))
+        # the id is on disk before W&B is tried: every later attempt resumes this run, even
+        # when this one is killed inside wandb.init or falls back to offline
+        self._save_record()
         identity = _run_identity(self.run_dir)
         if tags is None:
             tags = run_tags(identity.get("experiment"), identity.get("seed"), identity.get("table"))
         if name is None and identity.get("experiment"):
             name = f"{identity['experiment']}/seed{identity.get('seed')}"
+        args = (config, list(tags), name, group, init_timeout_s)
+        if self.mode == "online":
+            why = server_unreachable(server_url(), reach_timeout_s)
+            if why is not None:
+                self._go_offline(f"W&B server {server_url()} is unreachable ({why})")
         try:
-            self._run = self._init(config, list(tags), name, group, init_timeout_s, resumed=bool(record.get("id")))
+            self._run = self._init(*args)
         except Exception as e:  # never let W&B stop training
-            self._fail("init", e)
-            return
+            if self.mode != "online":
+                self._fail("init", e)
+                return
+            _teardown_wandb()  # W&B keeps the failed run's id busy in its service process
+            self._go_offline(f"W&B online init failed ({type(e).__name__}: {_first_line(e)})")
+            try:
+                self._run = self._init(*args)
+            except Exception as e2:
+                self._fail("init", e2)
+                return
         if self.mode == "online":
             self._record["url"] = getattr(self._run, "url", None)
+            # the server's history of a resumed run ends at starting_step - 1
+            self._set_floor(int(getattr(self._run, "starting_step", 0) or 0) - 1)
         else:  # what `wandb sync` takes to upload it later
             files = getattr(self._run, "dir", None)
             self._record["offline_dir"] = str(Path(files).parent) if files else None
@@ -160,7 +286,7 @@ class WandbWriter(EventWriter):
 
     # -- W&B calls (each guarded) -----------------------------------------------------------------
     def _init(self, config: Any, tags: list, name: Optional[str], group: Optional[str],
-              init_timeout_s: float, resumed: bool) -> Any:
+              init_timeout_s: float) -> Any:
         import wandb
 
         (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
@@ -170,6 +296,17 @@ class WandbWriter(EventWriter):
             group=group, tags=tags, config=_config_dict(config), reinit="create_new",
             settings=wandb.Settings(init_timeout=init_timeout_s, console="off", silent=True),
         )
+
+    def _go_offline(self, why: str) -> None:
+        """Log this attempt offline, under the same run id (said once, as a warning)."""
+        self.mode = self._record["mode"] = "offline"
+        logger.warning("%s: logging offline under run id %s in %s; upload it later with "
+                       "`wandb sync`", why, self._record["id"], self.run_dir / "wandb")
+
+    def _set_floor(self, step: int) -> None:
+        """Steps up to ``step`` are in W&B already: never logged again by this attempt."""
+        self._resume_floor = max(self._resume_floor, step)
+        self._last_step = max(self._last_step, step)
 
     def _fail(self, what: str, error: BaseException) -> None:
         if not self._warned:
@@ -183,8 +320,10 @@ class WandbWriter(EventWriter):
             except Exception:
                 pass
 
-    def _save_record(self) -> None:
-        self._record["last_step"] = self._last_step
+    def _save_record(self, last_step: Optional[int] = None) -> None:
+        """wandb.json, its ``last_step`` the floor W&B durably holds (``last_step`` is given
+        only once W&B has flushed it, after ``finish``)."""
+        self._record["last_step"] = self._resume_floor if last_step is None else last_step
         run_record.write_wandb(self.run_dir, {k: v for k, v in self._record.items() if v is not None})
 
     @property
@@ -222,8 +361,7 @@ class WandbWriter(EventWriter):
                 self._last_step = step
         except Exception as e:
             self._fail("log", e)
-            return
-        self._save_record()
+        # no wandb.json update here: a logged step is not yet a stored one (see the module doc)
 
     def log_final(self, metrics: Mapping[str, Any]) -> None:
         """Put the final metrics (PQ, PQ_th, PQ_st, AP, mIoU) in the run summary."""
@@ -239,9 +377,11 @@ class WandbWriter(EventWriter):
         if run is None:
             return
         try:
-            run.finish()
+            run.finish()  # returns once W&B has stored (offline) or sent (online) every step
         except Exception as e:
             self._fail("finish", e)
+            return
+        self._save_record(last_step=self._last_step)
 
 
 def _run_identity(run_dir: Path) -> Dict[str, Any]:
@@ -255,6 +395,23 @@ def _run_identity(run_dir: Path) -> Dict[str, Any]:
     experiment = status.get("experiment")
     m = re.search(r"(?:^|/)table(\d+)(?:/|$)", experiment or "")
     return {"experiment": experiment, "seed": status.get("seed"), "table": int(m.group(1)) if m else None}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _teardown_wandb() -> None:
+    """Stop W&B's service process after a failed ``init``: it holds the run id, and an
+    offline ``init`` under the same id in this process is refused until it is gone."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except BaseException as e:  # teardown may sys.exit with the service's exit code
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        logger.debug("wandb.teardown after a failed init: %s", e)
 
 
 def _is_main_process() -> bool:

@@ -14,7 +14,8 @@ from maps.launch.distributed import DistributedEnv, distributed_env, init_distri
 from maps.launch.executors import make_executor
 from maps.launch.launcher import LaunchOutcome, LaunchReport, launch, wait_for_jobs
 from maps.launch.memory_jobs import memory_prereq
-from maps.launch.plan import plan_runs, select_runs, status_rows
+from maps.launch.cost import RunCost, estimate_costs
+from maps.launch.plan import override_tag, parse_overrides, plan_runs, select_runs, status_rows
 from maps.launch.profiles import ClusterProfile, load_profile
 from maps.launch.runstore import RunStore, RunStoreError
 from maps.launch.scheduler import SLURM_ALIVE_STATES, reconcile, slurm_available, slurm_job_states
@@ -24,7 +25,7 @@ from maps.launch.tasks import PrereqTask, RunTask
 __all__ = [
     "DistributedEnv", "distributed_env", "init_distributed", "teardown_distributed", "make_executor",
     "LaunchOutcome", "LaunchReport", "launch", "wait_for_jobs", "memory_prereq", "plan_runs",
-    "select_runs", "status_rows", "ClusterProfile", "load_profile", "RunStore", "RunStoreError",
+    "select_runs", "status_rows", "override_tag", "parse_overrides", "RunCost", "estimate_costs", "ClusterProfile", "load_profile", "RunStore", "RunStoreError",
     "SLURM_ALIVE_STATES", "reconcile", "slurm_available", "slurm_job_states", "DEFAULT_TASK",
     "EXECUTORS", "LaunchError", "PrereqSpec", "RunSpec", "resolve_task", "PrereqTask", "RunTask",
 ]

@@ -1,4 +1,4 @@
-"""torch.distributed inside a job: ranks from submitit's JobEnvironment, process groups."""
+"""torch.distributed inside a job: ranks from submitit's TorchDistributedEnvironment, process groups."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import submitit
+import submitit.helpers
 
 
 logger = logging.getLogger(__name__)
@@ -42,26 +43,15 @@ def _port_for(job_id: str) -> int:
 
 
 def distributed_env() -> DistributedEnv:
-    """Read ranks from submitit's JobEnvironment inside a job, else from torchrun-style env vars.
+    """Where this process sits: submitit's ``TorchDistributedEnvironment`` inside a job (Slurm or
+    local), else torchrun-style env vars (``RANK``, ``WORLD_SIZE``, ...).
 
-    ``MASTER_PORT`` in the environment wins over the port derived from the job id.
+    Inside a job, the master is the job's first host when it spans several nodes and loopback
+    on one; ``MASTER_ADDR`` / ``MASTER_PORT`` in the environment win, else the port is derived
+    from the job id (:func:`_port_for`), the same on every task of the job.
     """
     try:
-        job = submitit.JobEnvironment()
-        job_id = str(job.job_id)
-        world = int(job.num_tasks)
-        nodes = max(int(job.num_nodes), 1)
-        hostnames = list(job.hostnames) if nodes > 1 else []
-        return DistributedEnv(
-            rank=int(job.global_rank),
-            local_rank=int(job.local_rank),
-            world_size=world,
-            local_world_size=max(world // nodes, 1),
-            node_rank=int(job.node),
-            master_addr=os.environ.get("MASTER_ADDR") or (hostnames[0] if hostnames else "127.0.0.1"),
-            master_port=int(os.environ.get("MASTER_PORT") or _port_for(job_id)),
-            job_id=job_id,
-        )
+        torch_env = submitit.helpers.TorchDistributedEnvironment()
     except RuntimeError:  # not inside a submitit job
         env = os.environ
         world = int(env.get("WORLD_SIZE", 1))
@@ -74,6 +64,19 @@ def distributed_env() -> DistributedEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
+    job = submitit.JobEnvironment()
+    job_id = str(job.job_id)
+    multi_node = int(job.num_nodes) > 1
+    return DistributedEnv(
+        rank=int(torch_env.rank),
+        local_rank=int(torch_env.local_rank),
+        world_size=int(torch_env.world_size),
+        local_world_size=max(int(torch_env.local_world_size), 1),
+        node_rank=int(job.node),
+        master_addr=os.environ.get("MASTER_ADDR") or (torch_env.master_addr if multi_node else "127.0.0.1"),
+        master_port=int(os.environ.get("MASTER_PORT") or _port_for(job_id)),
+        job_id=job_id,
+    )
 
 
 def init_distributed(env: Optional[DistributedEnv] = None, backend: Optional[str] = None,

@@ -21,19 +21,21 @@ def make_executor(executor: str, folder: Path, profile: ClusterProfile, name: st
     if executor == "debug":
         return submitit.DebugExecutor(folder=folder)
     if executor == "local":
-        ex = submitit.LocalExecutor(folder=folder)
+        # signal_delay_s is Slurm's: the local executor keeps submitit's own (30 s)
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
         ex.update_parameters(timeout_min=profile.timeout_min, tasks_per_node=profile.ntasks_per_node,
                              gpus_per_node=profile.gpus_per_node, setup=list(profile.setup))
         return ex
     if not slurm_available():
         raise LaunchError("executor 'slurm': sbatch/squeue not found on PATH (use --executor local)")
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+    # a timeout is requeued (from the run's checkpoint) up to max_num_timeout times
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
     params: Dict[str, Any] = dict(
         job_name=name, time=profile.timeout_min, nodes=profile.nodes,
         ntasks_per_node=profile.ntasks_per_node, cpus_per_task=profile.cpus_per_task,
         array_parallelism=profile.array_parallelism, setup=list(profile.setup),
-        # signal 120 s before the time limit so a timeout is a requeue, not a loss
-        signal_delay_s=120,
+        # USR2 this long before the time limit, so a timeout is a requeue, not a loss
+        signal_delay_s=profile.signal_delay_s,
     )
     if profile.gpus_per_node:
         params["gpus_per_node"] = profile.gpus_per_node
@@ -42,7 +44,11 @@ def make_executor(executor: str, folder: Path, profile: ClusterProfile, name: st
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(profile, key):
             params[key] = getattr(profile, key)
-    additional = dict(profile.additional_parameters)
+    if profile.exclusive:
+        params["exclusive"] = True
+    if profile.srun_args:
+        params["srun_args"] = list(profile.srun_args)
+    additional = profile.sbatch_parameters()
     if dependency:
         params["dependency"] = dependency
         # a failed prerequisite cancels its runs instead of leaving them pending forever

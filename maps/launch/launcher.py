@@ -24,7 +24,6 @@ not the function.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -33,11 +32,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 
-from maps.errors import ConfigError
-from maps.io import atomic_write_json
+from maps.errors import ConfigError, MapsError
+from maps.io import atomic_write_json, make_dir, unmake_dir
 from maps.launch.runstore import (
     ACTIVE_STATES,
     FAILED_STATES,
+    RUN_KIND,
+    STATUS_FILE,
     RunStore,
     now_iso,
 )
@@ -87,8 +88,30 @@ def _decide(status: Optional[Mapping[str, Any]], retry_failed: bool) -> Tuple[bo
     if state in ACTIVE_STATES:
         return False, f"{state} (job {status.get('job_id')})"
     if state in FAILED_STATES:
-        return (True, f"retrying {state} run") if retry_failed else (False, f"{state}; use retry_failed")
+        return (True, f"retrying {state} run") if retry_failed else (False, f"{state}; relaunch with --retry-failed")
     return False, f"unknown state {state!r}"
+
+
+@contextlib.contextmanager
+def _new_run_dirs(store: RunStore, runs: Sequence[RunSpec]) -> Iterator[None]:
+    """Create the run directories this launch is the first to make, marked as made by maps;
+    if the launch then fails, remove those no job was submitted for (no status.json), with
+    the parents created for them: a failed launch leaves the store as it was."""
+    made: Dict[Path, Path] = {}
+    for spec in runs:
+        top = store.make_run_dir(spec.experiment, spec.seed)
+        if top is not None:
+            made[store.run_dir(spec.experiment, spec.seed)] = top
+    try:
+        yield
+    except BaseException:
+        for run_dir, top in reversed(list(made.items())):  # the last made holds no earlier one's top
+            if not (run_dir / STATUS_FILE).exists():
+                try:
+                    unmake_dir(run_dir, RUN_KIND, top)
+                except (OSError, MapsError) as e:  # never hide the launch's own error
+                    logger.warning("could not remove %s after the failed launch: %s", run_dir, e)
+        raise
 
 
 @contextlib.contextmanager
@@ -100,12 +123,16 @@ def _claim_all(store: RunStore, run_dirs: Sequence[Path]) -> Iterator[None]:
         yield
 
 
-def _build_prerequisites(specs: Sequence[PrereqSpec], executor: str, profile: ClusterProfile,
-                         folder: Path, dry_run: bool) -> Tuple[Dict[str, Optional[str]], List[Dict[str, Any]]]:
-    """Build each distinct prerequisite once; return its Slurm job id (None when complete)."""
+def build_prerequisites(specs: Sequence[PrereqSpec], executor: str, profile: ClusterProfile,
+                        folder: Path, dry_run: bool = False) -> Tuple[Dict[str, Optional[str]], List[Dict[str, Any]]]:
+    """Build each distinct prerequisite once; return its Slurm job id (None when complete).
+
+    On Slurm each is a job of its own (the caller makes its jobs depend on it, ``afterok``);
+    with the local and debug executors it is built to the end here. Also what a sweep uses
+    for its memory."""
     job_of: Dict[str, Optional[str]] = {}
     report: List[Dict[str, Any]] = []
-    one_task = dataclasses.replace(profile, nodes=1, tasks_per_node=None, gpus_per_node=min(profile.gpus_per_node, 1))
+    one_task = profile.replace(nodes=1, tasks_per_node=None, gpus_per_node=min(profile.gpus_per_node, 1))
     for spec in specs:
         key = str(Path(spec.output_dir).resolve())
         if key in job_of:
@@ -119,9 +146,17 @@ def _build_prerequisites(specs: Sequence[PrereqSpec], executor: str, profile: Cl
             entry["action"] = "would-build"
         else:
             out = Path(spec.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with RunStore.claim(out, lock_name=_PREREQ_LOCK):
-                job_of[key], entry["action"] = _submit_prereq(spec, executor, one_task, folder)
+            made = make_dir(out, spec.kind)  # marked: a failed launch removes what it made
+            try:
+                with RunStore.claim(out, lock_name=_PREREQ_LOCK):
+                    job_of[key], entry["action"] = _submit_prereq(spec, executor, one_task, folder)
+            except BaseException:
+                if made is not None and not spec.is_complete() and not (out / _PREREQ_JOB).exists():
+                    try:
+                        unmake_dir(out, spec.kind, made)
+                    except (OSError, MapsError) as e:
+                        logger.warning("could not remove %s after the failed launch: %s", out, e)
+                raise
         entry["job_id"] = job_of[key]
         report.append(entry)
     return job_of, report
@@ -171,6 +206,10 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
         if key in seen:
             raise LaunchError(f"run {spec.experiment} seed {spec.seed} is listed twice")
         seen.add(key)
+        _check_batch(spec, prof)
+    if not dry_run and executor == "slurm" and not slurm_available():
+        # checked before anything is created: a launch that cannot submit leaves no trace
+        raise LaunchError("executor 'slurm': sbatch/squeue not found on PATH (use --executor local)")
     if not dry_run and executor != "slurm":
         split = _launch_in_order(runs, executor, prof, retry_failed, store, wait)
         if split is not None:
@@ -188,13 +227,13 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
                                           "would-submit" if go else "skipped",
                                           status.get("state") if status else None, reason=why))
         pre = [p for s in runs for p in s.prerequisites]
-        _, pre_report = _build_prerequisites(pre, executor, prof, folder, dry_run=True)
+        _, pre_report = build_prerequisites(pre, executor, prof, folder, dry_run=True)
         return LaunchReport(executor, prof.resources(), outcomes, pre_report)
 
     outcomes: Dict[Tuple[str, int], LaunchOutcome] = {}
     jobs: List[Any] = []
     pre_report: List[Dict[str, Any]] = []
-    with _claim_all(store, list(dirs.values())):
+    with _new_run_dirs(store, runs), _claim_all(store, list(dirs.values())):
         todo: List[RunSpec] = []
         statuses = {}
         found = {key: store.read_status(run_dir) for key, run_dir in dirs.items()}
@@ -222,7 +261,7 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
                 run_deps[key] = deps
         if todo:
             pre = [p for s in todo for p in s.prerequisites]
-            job_of, pre_report = _build_prerequisites(pre, executor, prof, folder, dry_run=False)
+            job_of, pre_report = build_prerequisites(pre, executor, prof, folder, dry_run=False)
             # runs that wait for a run of this launch go second, once its job id is known
             for stage in (False, True):
                 groups: Dict[Tuple[str, ...], List[RunSpec]] = {}
@@ -242,6 +281,30 @@ def launch(runs: Sequence[RunSpec], executor: str = "local",
     if wait if wait is not None else executor != "slurm":
         wait_for_jobs(jobs)
     return report
+
+
+def _check_batch(spec: RunSpec, profile: ClusterProfile) -> None:
+    """SOLVER.IMS_PER_BATCH is the total batch (Mask2Former's recipe: 16 on 8 GPUs, 2 each):
+    it must split evenly over the profile's nodes x tasks, or the run would train with
+    another batch, and so another learning-rate schedule, than the paper's."""
+    total = _total_batch(spec.config)
+    world = profile.world_size
+    if total is not None and world > 1 and total % world:
+        raise LaunchError(f"{spec.experiment}: SOLVER.IMS_PER_BATCH {total} does not divide over "
+                          f"{world} processes ({profile.nodes} nodes x {profile.ntasks_per_node} tasks, "
+                          f"{profile.source}); choose a profile whose processes divide it")
+
+
+def _total_batch(config: Any) -> Optional[int]:
+    try:
+        return int(config.SOLVER.IMS_PER_BATCH)
+    except AttributeError:
+        import yaml
+
+        try:
+            return int((yaml.safe_load(config) or {})["SOLVER"]["IMS_PER_BATCH"])
+        except Exception:  # a toy config without SOLVER: nothing to check
+            return None
 
 
 def _launch_in_order(runs: Sequence[RunSpec], executor: str, profile: ClusterProfile,
@@ -319,7 +382,7 @@ def _submit_group(store: RunStore, group: Sequence[RunSpec], dirs: Mapping[Tuple
         # a retried run resumes from its last checkpoint if it has one
         # absolute paths: a job may start in another working directory than its launcher
         tasks.append(RunTask(str(run_dir.resolve()), str(store.root.resolve()), spec.task, config_yaml, spec.seed,
-                             resume=int(prior.get("attempt", 0)) > 0))
+                             resume=int(prior.get("attempt", 0)) > 0, threads=profile.cpus_per_task))
     try:
         if executor == "slurm":
             with ex.batch():
@@ -337,7 +400,8 @@ def _submit_group(store: RunStore, group: Sequence[RunSpec], dirs: Mapping[Tuple
             submit_host=socket.gethostname(), submit_pid=os.getpid(), task=spec.task, resources=profile.resources(),
             log_stdout=str(job.paths.stdout).replace("%t", "0"),
             log_stderr=str(job.paths.stderr).replace("%t", "0"),
-            dependency=dependency, ended_at=None,
+            dependency=dependency, ended_at=None, overrides=dict(spec.overrides) or None,
+            random_weights=list(spec.random_weights) or None,
         )
         outcomes[(spec.experiment, spec.seed)].job_id = job_id
     return jobs

@@ -6,7 +6,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from maps.launch.specs import PrereqSpec
-from maps.memory.prepare import PREPARE_TASK, datasets_root, memory_dir, normalize_spec
+from maps.memory.prepare import MEMORY_KIND, PREPARE_TASK, datasets_root, memory_dir, normalize_spec
 
 __all__ = ["memory_prereq"]
 
@@ -20,4 +20,4 @@ def memory_prereq(spec: Mapping[str, Any], root, data_root: Optional[str] = None
     s = normalize_spec(spec)
     droot = os.path.abspath(data_root or datasets_root())
     return PrereqSpec(task=PREPARE_TASK, output_dir=str(memory_dir(s, root, droot).resolve()),
-                      kwargs={**s, "data_root": droot})
+                      kwargs={**s, "data_root": droot}, kind=MEMORY_KIND)

@@ -15,7 +15,6 @@ aggregation; Slurm and W&B are reconciled against it, not the other way round.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import fnmatch
 import os
 import re
@@ -25,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from maps.io import atomic_write_json, atomic_write_text
+from filelock import Timeout, UnixFileLock
+
+from maps.io import atomic_write_json, atomic_write_text, make_dir
 from maps.engine.run_record import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -50,6 +51,8 @@ ACTIVE_STATES = ("queued", "running")
 FAILED_STATES = ("failed", "cancelled")
 
 LOCK_FILE = ".launch.lock"
+#: the kind of a run directory's maps marker (:mod:`maps.io`)
+RUN_KIND = "run"
 
 #: Final metrics every training run reports (paper tables: PQ, PQ^Th, PQ^St, AP, mIoU).
 FINAL_METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
@@ -81,22 +84,36 @@ class RunRecord:
     seed: int
     run_dir: Path
     status: Dict[str, Any]
+    #: why the run's status.json could not be read (its state is then ``corrupt``)
+    error: Optional[str] = None
 
     @property
     def state(self) -> str:
+        if self.error is not None:
+            return "corrupt"
         return str(self.status.get("state", "unknown"))
 
 
 class RunStore:
     """Where runs live on disk, and the only code that reads or writes their records."""
 
-    def __init__(self, root: Optional[PathLike] = None) -> None:
+    def __init__(self, root: Optional[PathLike] = None, made_facts: Optional[Dict[str, Any]] = None) -> None:
         self.root = Path(root) if root is not None else default_runs_root()
+        #: facts every run directory this store creates records in its maps marker (the
+        #: demo: the fingerprint of the dataset its runs train on, to tell stale runs later)
+        self.made_facts = dict(made_facts or {})
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
 
     # -- locating runs ------------------------------------------------------------------------
+    def make_run_dir(self, experiment: str, seed: int) -> Optional[Path]:
+        """Create the run directory, marked as made by maps (kind ``run``, see
+        :func:`maps.io.make_dir`). Returns the top-most folder created, or None if the run
+        directory already existed; :func:`maps.io.unmake_dir` undoes it."""
+        return make_dir(self.run_dir(experiment, seed), RUN_KIND, experiment=experiment, seed=seed,
+                        **self.made_facts)
+
     def run_dir(self, experiment: str, seed: int) -> Path:
         """``<root>/<experiment>/seed<seed>``; the experiment name may have ``/`` levels."""
         _check_experiment_name(experiment)
@@ -119,7 +136,9 @@ class RunStore:
     def iter_runs(self, selector: str = "*") -> Iterator[RunRecord]:
         """Runs whose experiment name matches the glob ``selector``, sorted by name and seed.
 
-        A run exists once it has a ``status.json`` (written when it is first submitted).
+        A run exists once it has a ``status.json`` (written when it is first submitted). A run
+        whose status.json cannot be read is listed too, in state ``corrupt`` with the reason
+        in ``error``: one damaged record must not hide every other run.
         """
         if not self.root.is_dir():
             return
@@ -132,7 +151,11 @@ class RunStore:
             if fnmatch.fnmatchcase(experiment, selector):
                 found.append((experiment, seed, run_dir))
         for experiment, seed, run_dir in sorted(found):
-            status = self.read_status(run_dir) or {}
+            try:
+                status = self.read_status(run_dir) or {}
+            except RunStoreError as e:
+                yield RunRecord(experiment, seed, run_dir, {}, error=str(e))
+                continue
             yield RunRecord(experiment, seed, run_dir, status)
 
     # -- status -------------------------------------------------------------------------------
@@ -236,37 +259,29 @@ class RunStore:
               lock_name: str = LOCK_FILE) -> Iterator[bool]:
         """Hold an exclusive lock on a run for a check-then-write section.
 
-        ``flock`` on a lock file in the run directory: a second launcher blocks here until the
-        first has written its ``queued`` record, then sees it and submits nothing. The kernel
-        releases the lock if the process dies, so a crashed launcher leaves no stale claim.
-        With ``timeout_s``, gives up after that long: raises, or (``required=False``) goes on
-        unlocked and yields False.
+        filelock's ``UnixFileLock`` (``flock``) on a lock file in the run directory: a second
+        launcher blocks here until the first has written its ``queued`` record, then sees it and
+        submits nothing. The kernel releases the lock if the process dies, so a crashed launcher
+        leaves no stale claim; the lock file itself stays. Re-entrant within a thread (a nested
+        claim of the same run, e.g. a signal handler's, holds at once); other threads and
+        processes wait. With ``timeout_s``, gives up after that long: raises, or
+        (``required=False``) goes on unlocked and yields False.
         """
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
-        locked = False
+        lock = UnixFileLock(run_dir / lock_name, mode=0o644, is_singleton=True, preserve_lock_file=True)
         try:
-            if timeout_s is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                locked = True
-            else:
-                deadline = time.monotonic() + timeout_s
-                while not locked:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        locked = True
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            if required:
-                                raise RunStoreError(f"{run_dir / lock_name}: still locked after {timeout_s:g}s")
-                            break
-                        time.sleep(0.05)
+            lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
+            locked = True
+        except Timeout:
+            if required:
+                raise RunStoreError(f"{run_dir / lock_name}: still locked after {timeout_s:g}s") from None
+            locked = False
+        try:
             yield locked
         finally:
             if locked:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+                lock.release()
 
 
 def _check_experiment_name(name: str) -> None:

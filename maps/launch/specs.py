@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Tuple
@@ -41,6 +42,8 @@ class PrereqSpec:
     task: str
     output_dir: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: the kind of the output folder's maps marker when the launcher creates it (maps.io)
+    kind: str = "prereq"
 
     @property
     def marker(self) -> Path:
@@ -62,6 +65,11 @@ class RunSpec:
     #: runs (experiment, seed) that must end ``done`` before this one starts: an evaluation
     #: run's training run. On Slurm an ``afterok`` dependency; locally, a run launched later.
     after: Sequence[Tuple[str, int]] = ()
+    #: command-line config overrides (``maps launch SEL KEY VALUE``), kept in the run's record;
+    #: they are part of the run's identity (its experiment name ends in their tag)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: config keys whose pretrained file is replaced by a random initialisation (recorded)
+    random_weights: Sequence[str] = ()
 
     def config_yaml(self) -> str:
         if isinstance(self.config, str):
@@ -72,11 +80,32 @@ class RunSpec:
         return dump()
 
 
-def resolve_task(path: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"``; a clear error names a bad path."""
+#: modules besides maps' own whose functions may be tasks (comma-separated), named by the
+#: operator in the environment, never by a file (a sweep's or a record's ``task:``)
+TASK_MODULES_ENV = "MAPS_TASK_MODULES"
+
+
+def check_task(path: Any, where: str = "") -> None:
+    """Refuse a task path maps would not import: not ``module:function``, or a module outside
+    ``maps.`` and the modules of ``$MAPS_TASK_MODULES``. ``where`` (a file and key) prefixes
+    the error. A task path read from a file must never import an arbitrary module: importing
+    runs the module's code."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(path, str):
+        raise LaunchError(f"{prefix}task {path!r}: expected 'package.module:function'")
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise LaunchError(f"task {path!r}: expected 'package.module:function'")
+        raise LaunchError(f"{prefix}task {path!r}: expected 'package.module:function'")
+    allowed = ["maps"] + [m.strip() for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip()]
+    if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
+        raise LaunchError(f"{prefix}task {path!r}: module {module_name!r} is not maps' own; tasks of "
+                          f"other modules run only when the operator names them in ${TASK_MODULES_ENV}")
+
+
+def resolve_task(path: str, where: str = "") -> Callable[..., Any]:
+    """Import ``"package.module:function"`` (see :func:`check_task`); a clear error names a bad path."""
+    check_task(path, where)
+    module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

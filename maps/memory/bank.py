@@ -12,11 +12,21 @@ A bank is a directory::
     object_categories.npy     (T,)     int64: the segment's category (the dataset dict's id)
     object_areas.npy          (T,)     int64: the segment's area in pixels
     object_segment_ids.npy    (T,)     int64: the segment's id in its panoptic PNG
-    index.faiss, index.json   the FAISS index over scene_keys (see :mod:`maps.memory.index`)
+    index.faiss, index.json   the FAISS index over scene_keys (see :mod:`maps.memory.index`);
+                              the manifest's ``index`` entry records its sha256 once built
+    .verified.json            cache of :meth:`MemoryBank.verify`: size, mtime, ctime and sha256
+                              of each file when it last matched the manifest
 
 Arrays are plain ``.npy`` (no pickle), memory-mapped at load, so a 1.3M-token object bank
 costs page cache rather than RAM in every data-loader worker. The directory is written
 whole into ``DIR.tmp-*`` and renamed into place: a reader never sees half a bank.
+
+Training and evaluation verify every file against the manifest before step 0
+(:meth:`MemoryBank.verify`): a file is hashed in full once, then again only when its size,
+mtime or ctime changed, so a 100 GB bank is read once per change, not once per run. A bank
+whose manifest records no hash for its ``index.faiss`` (built before indexes were hashed) is
+refused until ``maps memory index --bank B`` rebuilds the index from the verified keys;
+``maps memory info --bank B --verify`` re-hashes everything, ignoring the cache.
 
 Crowd segments (``iscrowd=1``) are *not* stored: a crowd region pools many instances into one
 blurred token that is not "an object" in the paper's sense, and COCO's evaluation ignores
@@ -25,8 +35,9 @@ them too.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +46,20 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from maps.errors import MemoryBankError
-from maps.io import file_sha256
+from maps.io import MADE_MARKER, atomic_write_json, file_sha256, made_by_maps, mark_made, remove_made
 from maps.memory.encoders import describe_identity, same_identity
 
 __all__ = ["BANK_FORMAT", "BANK_VERSION", "BankArrays", "MemoryBank", "write_bank",
-           "concat_arrays", "atomic_directory"]
+           "concat_arrays", "atomic_directory", "check_manifest", "record_index"]
 
 BANK_FORMAT = "maps-memory-bank"
 BANK_VERSION = 1
 MANIFEST = "manifest.json"
+#: the verification cache beside the manifest (see :meth:`MemoryBank.verify`)
+VERIFIED = ".verified.json"
+INDEX_FILE = "index.faiss"
+
+logger = logging.getLogger(__name__)
 _FLOAT_ARRAYS = ("scene_keys", "object_tokens")
 _INT_ARRAYS = ("object_offsets", "object_categories", "object_areas", "object_segment_ids")
 ARRAY_NAMES = _FLOAT_ARRAYS + _INT_ARRAYS
@@ -95,11 +111,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: the kind of a bank folder's maps marker (maps.io): a bank maps may replace
+BANK_KIND = "bank"
+
+
+def check_replaceable(path: PathLike, keep: Sequence[str] = ()) -> None:
+    """Refuse, before any work, to replace a folder at ``path`` that maps did not write as a
+    bank: only a marked bank, or a folder holding nothing but the ``keep`` entries (which move
+    into the new bank), is replaced. Anything else there is never deleted."""
+    path = Path(path)
+    if path.is_symlink():
+        raise MemoryBankError(f"{path} is a symbolic link: not replacing it with a bank")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise MemoryBankError(f"{path} is a file, not a bank folder: not replacing it")
+    if made_by_maps(path, BANK_KIND) is None:
+        others = sorted(p.name for p in path.iterdir() if p.name not in keep)
+        if others:
+            raise MemoryBankError(f"{path} has no maps bank marker ({MADE_MARKER}): not deleting it; "
+                                  "remove it yourself if it is stale, or choose another --out")
+
+
 class atomic_directory:
     """``with atomic_directory(DIR) as tmp:`` fill ``tmp``; on success it replaces DIR.
 
     ``keep`` names entries of an existing DIR that move into the new one (the shards of a
     sharded build). On an exception the temporary directory is removed and DIR is untouched.
+    The new DIR carries maps' bank marker; an existing DIR without it is refused (see
+    :func:`check_replaceable`), never deleted.
     """
 
     def __init__(self, path: PathLike, keep: Sequence[str] = ()):
@@ -107,14 +147,16 @@ class atomic_directory:
         self.keep = keep
 
     def __enter__(self) -> Path:
+        check_replaceable(self.path, self.keep)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f"{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
+        mark_made(self.tmp, BANK_KIND)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_made(self.tmp, BANK_KIND)
             return
         _fsync_dir(self.tmp)
         old = None
@@ -127,7 +169,13 @@ class atomic_directory:
         os.rename(self.tmp, self.path)
         _fsync_dir(self.path.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if made_by_maps(old, BANK_KIND) is not None:
+                remove_made(old, BANK_KIND)
+            else:  # held only the kept entries, moved into the new bank: empty now
+                try:
+                    old.rmdir()
+                except OSError:  # something else appeared meanwhile: left for its owner
+                    pass
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -173,6 +221,93 @@ def write_bank(path: PathLike, arrays: BankArrays, *, dataset: str, key_encoder:
     return path
 
 
+def _read_verified(path: Path) -> Dict[str, dict]:
+    try:
+        files = json.loads((path / VERIFIED).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def record_index(path: PathLike, params: dict, ntotal: int) -> None:
+    """Record the sha256 of the bank's freshly written ``index.faiss`` in its manifest (a
+    directory without a manifest is no bank: nothing to record)."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return
+    manifest = json.loads(mpath.read_text())
+    manifest["index"] = {"file": INDEX_FILE, "sha256": file_sha256(path / INDEX_FILE),
+                         "params": dict(params), "ntotal": int(ntotal)}
+    atomic_write_json(mpath, manifest, indent=None)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TOP_KEYS = (("format", str), ("version", int), ("dataset", str), ("key_encoder", dict),
+             ("dense_encoder", dict), ("dtype", str), ("num_images", int), ("image_ids", list),
+             ("file_names", list), ("files", dict))
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
+def check_manifest(m, mpath: Path) -> None:
+    """Refuse a manifest with a missing key or a value of the wrong type, in one line naming
+    the manifest and the key (instead of a KeyError or AttributeError somewhere later)."""
+    def fail(key: str, why: str) -> None:
+        raise MemoryBankError(f"{mpath}: key '{key}' {why}")
+
+    def typed(value, kind, key: str) -> None:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(key, f"must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {str(value)[:40]!r}")
+
+    if not isinstance(m, dict):
+        raise MemoryBankError(f"{mpath}: not a memory bank manifest (a JSON object is expected)")
+    if m.get("format") != BANK_FORMAT:
+        raise MemoryBankError(f"{mpath}: not a memory bank manifest (format {m.get('format')!r})")
+    if m.get("version") != BANK_VERSION:
+        raise MemoryBankError(f"{mpath}: bank format version {m.get('version')} is not supported "
+                              f"(this library reads version {BANK_VERSION})")
+    for key, kind in _TOP_KEYS:
+        if key not in m:
+            fail(key, "is missing")
+        typed(m[key], kind, key)
+    if len(m["image_ids"]) != m["num_images"]:
+        fail("image_ids", f"has {len(m['image_ids'])} ids, but num_images is {m['num_images']}")
+    bad = next((i for i in m["image_ids"] if not isinstance(i, (int, str)) or isinstance(i, bool)),
+               None)
+    if bad is not None:
+        fail("image_ids", f"holds {bad!r}: an image id is an integer or a string")
+    if not all(isinstance(f, str) for f in m["file_names"]):
+        fail("file_names", "must be a list of strings")
+    for name in ARRAY_NAMES:
+        key = f"files.{name}.npy"
+        meta = m["files"].get(f"{name}.npy")
+        if meta is None:
+            fail(key, "is missing")
+        typed(meta, dict, key)
+        for sub, kind in (("shape", list), ("dtype", str), ("sha256", str)):
+            if sub not in meta:
+                fail(f"{key}.{sub}", "is missing")
+            typed(meta[sub], kind, f"{key}.{sub}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in meta["shape"]):
+            fail(f"{key}.shape", f"must be a list of sizes, got {meta['shape']!r}")
+        if not _SHA256.match(meta["sha256"]):
+            fail(f"{key}.sha256", f"must be 64 hex digits, got {meta['sha256'][:70]!r}")
+    if "index" in m:
+        typed(m["index"], dict, "index")
+        for sub in ("file", "sha256"):
+            if sub not in m["index"]:
+                fail(f"index.{sub}", "is missing")
+            typed(m["index"][sub], str, f"index.{sub}")
+        if m["index"]["file"] != INDEX_FILE:
+            fail("index.file", f"must be {INDEX_FILE!r}, got {m['index']['file'][:70]!r}")
+        if not _SHA256.match(m["index"]["sha256"]):
+            fail("index.sha256", f"must be 64 hex digits, got {m['index']['sha256'][:70]!r}")
+    if "encoder_specs" in m:
+        typed(m["encoder_specs"], dict, "encoder_specs")
+        for role, spec in m["encoder_specs"].items():
+            typed(spec, dict, f"encoder_specs.{role}")
+
+
 def _check_arrays(a: BankArrays, where: str) -> None:
     N = a.num_images
     off = np.asarray(a.object_offsets)
@@ -213,12 +348,7 @@ class MemoryBank:
             self.manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MemoryBankError(f"{mpath} is not valid JSON: {e}") from None
-        if self.manifest.get("format") != BANK_FORMAT:
-            raise MemoryBankError(f"{mpath}: not a memory bank manifest (format "
-                                  f"{self.manifest.get('format')!r})")
-        if self.manifest.get("version") != BANK_VERSION:
-            raise MemoryBankError(f"{mpath}: bank format version {self.manifest.get('version')} "
-                                  f"is not supported (this library reads version {BANK_VERSION})")
+        check_manifest(self.manifest, mpath)
         arrays = {}
         for name in ARRAY_NAMES:
             fname = f"{name}.npy"
@@ -235,16 +365,62 @@ class MemoryBank:
                 raise MemoryBankError(
                     f"memory bank file {fpath} has shape {list(a.shape)} {a.dtype}; the manifest "
                     f"says {meta['shape']} {meta['dtype']} (truncated or replaced?)")
-            if verify:
-                digest = file_sha256(fpath)
-                if digest != meta["sha256"]:
-                    raise MemoryBankError(f"memory bank file {fpath}: sha256 {digest[:12]}... does "
-                                          f"not match the manifest's {meta['sha256'][:12]}...")
             arrays[name] = a
         self.arrays = BankArrays(image_ids=list(self.manifest["image_ids"]),
                                  file_names=list(self.manifest["file_names"]), **arrays)
         _check_arrays(self.arrays, where=str(self.path))
         self._row: Dict = {iid: i for i, iid in enumerate(self.arrays.image_ids)}
+        if verify:
+            self.verify(full=True)
+
+    # -- integrity -----------------------------------------------------------------------
+    def verify(self, full: bool = False, index: bool = True) -> None:
+        """Check every array (and with ``index`` the FAISS index) against the manifest's sha256.
+
+        A file is hashed when ``full`` or when its size, mtime or ctime differ from the
+        :data:`VERIFIED` cache's; the cache is then rewritten (atomically; a read-only bank is
+        simply hashed every time). Raises :class:`MemoryBankError` naming the first file that
+        is missing or does not match, or an ``index.faiss`` the manifest records no hash for.
+        """
+        want = {f"{n}.npy": self.manifest["files"][f"{n}.npy"]["sha256"] for n in ARRAY_NAMES}
+        if index:
+            recorded = self.manifest.get("index")
+            if recorded is not None:
+                want[recorded["file"]] = recorded["sha256"]
+            elif (self.path / INDEX_FILE).exists():
+                raise MemoryBankError(
+                    f"{self.path / INDEX_FILE}: {self.path / MANIFEST} records no sha256 for it (a "
+                    f"bank built before indexes were hashed): rebuild the index from the verified "
+                    f"keys with `maps memory index --bank {self.path}`")
+        cache = {} if full else _read_verified(self.path)
+        seen = {}
+        for name, sha in want.items():
+            fpath = self.path / name
+            try:
+                st = fpath.stat()
+            except FileNotFoundError:
+                raise MemoryBankError(f"memory bank file missing: {fpath}") from None
+            stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+            known = cache.get(name)
+            if isinstance(known, dict) and known.get("sha256") == sha and \
+                    all(known.get(k) == v for k, v in stamp.items()):
+                seen[name] = known
+                continue
+            if st.st_size > 1 << 30:
+                logger.info("hashing %s (%.1f GB) against the manifest (once per change)", fpath,
+                            st.st_size / 1e9)
+            digest = file_sha256(fpath)
+            if digest != sha:
+                raise MemoryBankError(
+                    f"memory bank file {fpath}: sha256 {digest[:12]}... does not match the "
+                    f"manifest's {sha[:12]}... (changed since the bank was built: rebuild it)")
+            seen[name] = {**stamp, "sha256": digest}
+        if seen != {k: cache.get(k) for k in seen}:
+            try:
+                atomic_write_json(self.path / VERIFIED, {"files": {**cache, **seen}})
+            except OSError as e:
+                logger.info("cannot cache the verification of %s (%s): it is re-hashed next time",
+                            self.path, e)
 
     # -- identity ------------------------------------------------------------------------
     @property

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from maps.errors import ConfigError, MemoryBankError
-from maps.memory.bank import BankArrays, MemoryBank, concat_arrays, write_bank
+from maps.io import make_dir
+from maps.memory.bank import BANK_KIND, BankArrays, MemoryBank, check_replaceable, concat_arrays, write_bank
 from maps.memory.encoders import DENSE_ENCODERS, EncoderSpec, build_from_spec
 from maps.memory.index import IndexParams, load_or_build_index
 
@@ -178,6 +179,10 @@ def build_bank(dataset: str, out, *, encoder: str = "clip", arch: Optional[str] 
         dataset_dicts = load_dataset_dicts(dataset)
     dicts = list(dataset_dicts)
     out = Path(out)
+    keep = ("shards",) if keep_shards else ()
+    check_replaceable(out, keep)  # before hours of encoding: never replace a user's folder
+    if shards > 1:
+        make_dir(out, BANK_KIND)  # the shards go inside: marked, so that the bank may replace it
     if shards == 1:
         arrays = encode_dataset(dicts, spec, progress=progress)
     else:
@@ -191,7 +196,7 @@ def build_bank(dataset: str, out, *, encoder: str = "clip", arch: Optional[str] 
         arrays = concat_arrays([MemoryBank(d, mmap=False).arrays for d in dirs])
     ids = _identities(spec)
     write_bank(out, arrays, dataset=dataset, key_encoder=ids["key"], dense_encoder=ids["dense"],
-               dtype=dtype, extra=_extra(spec), keep=("shards",) if keep_shards else ())
+               dtype=dtype, extra=_extra(spec), keep=keep)
     bank = MemoryBank(out)
     params = index_params or IndexParams(kind=index)
     load_or_build_index(out, bank.scene_keys, params)

@@ -7,8 +7,12 @@ Two kinds, one registry each (timm style, the registry is the table of contents)
 * dense encoders (``build_dense_encoder``): one feature map per image, aligned with the
   whole image, from which object tokens are pooled under segment masks.
 
-No weights can be downloaded here, so every encoder takes a local checkpoint path and
-otherwise starts from a random initialisation drawn from a seed (same seed, same weights).
+Weights come from a local file or a name of the pretrained cache (:mod:`maps.weights`,
+e.g. ``clip-vit-b16-openai``), read as data (:mod:`maps.weights.files`: no pickle code, no
+TorchScript run); without weights an encoder starts from a random initialisation drawn
+from a seed (same seed, same weights). OpenAI's CLIP was trained with QuickGELU: its
+architecture is open_clip's ``ViT-B-16-quickgelu``, and a checkpoint whose activation differs
+from the architecture's is refused (plain ``ViT-B-16`` is GELU).
 What an encoder *is* (architecture, weights hash or seed, preprocessing, mode, width) is a
 small JSON-able dict, :attr:`identity`, stored with everything the encoder produces, so a
 bank built with one encoder is refused by a model configured with another.
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maps.io import file_sha256
-from maps.errors import ConfigError
+from maps.errors import ConfigError, MapsError
 
 __all__ = [
     "KEY_ENCODERS",
@@ -49,7 +53,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DEFAULT_ARCH = {"clip": "ViT-B-16", "dino": "vit_base_patch16_224"}
+# the paper's encoders: OpenAI's CLIP ViT-B/16 (QuickGELU, open_clip's name) and DINO ViT-B/16
+DEFAULT_ARCH = {"clip": "ViT-B-16-quickgelu", "dino": "vit_base_patch16_224"}
+QUICK_GELU, GELU = "quick_gelu", "gelu"
+# keys every OpenAI CLIP state dict has (open_clip keeps OpenAI's names): vision tower, text
+# tower and the joint projections of one model
+OPENAI_CLIP_KEYS = frozenset({"visual.conv1.weight", "visual.class_embedding",
+                              "positional_embedding", "text_projection",
+                              "token_embedding.weight", "logit_scale"})
 
 # Small vision towers for tests and the CPU demo (open_clip has no ViT-T config). Same code
 # path as ViT-B-16, a few ms per image.
@@ -58,6 +69,9 @@ EXTRA_CLIP_CONFIGS: Dict[str, dict] = {
         "image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}},
     "ViT-Tiny-32": {"embed_dim": 64, "vision_cfg": {
         "image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32}},
+    # QuickGELU twin (open_clip's "-quickgelu" naming), for OpenAI-format test checkpoints
+    "ViT-Tiny-16-quickgelu": {"embed_dim": 64, "quick_gelu": True, "vision_cfg": {
+        "image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}},
 }
 # timm name -> (timm model, overrides)
 EXTRA_DINO_CONFIGS: Dict[str, Tuple[str, dict]] = {
@@ -128,12 +142,16 @@ def _warn_random(what: str, seed: int) -> None:
 
 
 class ClipBackbone(nn.Module):
-    """open_clip's vision tower (only: the text tower is not needed)."""
+    """open_clip's vision tower (only: the text tower is not needed). Its activation is the
+    architecture's (``-quickgelu`` names: QuickGELU, as OpenAI trained CLIP; others GELU), and
+    a checkpoint trained with the other one is refused: it would load without a missing key
+    and quietly compute something else."""
 
     backbone = "clip"
     mean, std = CLIP_MEAN, CLIP_STD
 
-    def __init__(self, arch: str, weights: Optional[str], seed: int):
+    def __init__(self, arch: str, weights: Optional[str], seed: int,
+                 declared_activation: Optional[str] = None):
         super().__init__()
         import open_clip
         from open_clip.model import _build_vision_tower
@@ -145,12 +163,23 @@ class ClipBackbone(nn.Module):
         if cfg is None:
             raise ConfigError(
                 f"unknown CLIP architecture {arch!r} (MODEL.MAPS.MEMORY.KEY_ARCH / --arch); "
-                f"open_clip names such as 'ViT-B-16', or {sorted(EXTRA_CLIP_CONFIGS)}")
+                f"open_clip names such as 'ViT-B-16-quickgelu' (OpenAI's CLIP) or 'ViT-B-16' "
+                f"(GELU), or {sorted(EXTRA_CLIP_CONFIGS)}")
         quick_gelu = bool(cfg.get("quick_gelu", False))
+        self.activation = QUICK_GELU if quick_gelu else GELU
         self.visual = _seeded_init(
             seed, lambda: _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu))
         if weights:
-            _load_state(self.visual, weights, prefix="visual.")
+            state, fmt = _read_weights(weights)
+            found = declared_activation or _clip_file_activation(state, fmt)
+            if found is not None and found != self.activation:
+                want = f"{arch}-quickgelu" if found == QUICK_GELU else \
+                    arch.replace("-quickgelu", "")
+                raise ConfigError(
+                    f"encoder weights {weights} were trained with {found} but CLIP {arch!r} "
+                    f"uses {self.activation}: refused (OpenAI's CLIP is QuickGELU); use an "
+                    f"architecture with {found}, e.g. {want!r} (MODEL.MAPS.MEMORY.KEY_ARCH)")
+            _load_state(self.visual, state, weights, prefix="visual.")
         else:
             _warn_random(f"CLIP {arch}", seed)
         self.patch = int(self.visual.patch_size[0])
@@ -208,7 +237,8 @@ class DinoBackbone(nn.Module):
     backbone = "dino"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    def __init__(self, arch: str, weights: Optional[str], seed: int):
+    def __init__(self, arch: str, weights: Optional[str], seed: int,
+                 declared_activation: Optional[str] = None):
         super().__init__()
         import timm
 
@@ -221,7 +251,7 @@ class DinoBackbone(nn.Module):
         self.model = _seeded_init(
             seed, lambda: timm.create_model(name, pretrained=False, num_classes=0, **overrides))
         if weights:
-            _load_state(self.model, weights, prefix="")
+            _load_state(self.model, _read_weights(weights)[0], weights, prefix="")
         else:
             _warn_random(f"DINO {arch}", seed)
         self.patch = int(self.model.patch_embed.patch_size[0])
@@ -240,22 +270,50 @@ class DinoBackbone(nn.Module):
         raise ConfigError("maskclip is a CLIP read-out")
 
 
-def _load_state(module: nn.Module, path: str, prefix: str) -> None:
-    """Load a local checkpoint: a full model (keys under ``prefix``) or the tower itself."""
+def _read_weights(path: str):
+    """(state, format) of a local weights file, read as data: torch.load(weights_only=True),
+    safetensors, or the tensors of a TorchScript archive (OpenAI's release) without running
+    its code (:mod:`maps.weights.files`)."""
+    from maps.weights.files import load_weights_file
+
     if not os.path.isfile(path):
         raise ConfigError(f"encoder weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a TorchScript archive (OpenAI's release) or garbage
-        try:
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            raise ConfigError(f"cannot read encoder weights {path}: {e}") from None
+        return load_weights_file(path)
+    except ConfigError as e:
+        raise ConfigError(f"cannot read encoder weights: {e}") from None
+
+
+def _clip_file_activation(state, fmt: str) -> Optional[str]:
+    """The activation a CLIP checkpoint was trained with, where its form tells: OpenAI
+    publishes CLIP as TorchScript archives and as state dicts in its own layout (vision and
+    text towers under OpenAI's names), all QuickGELU. Anything else (a vision tower alone,
+    a training checkpoint) does not say: None."""
+    if fmt == "torchscript":
+        return QUICK_GELU
+    if isinstance(state, dict) and OPENAI_CLIP_KEYS <= set(state):
+        return QUICK_GELU
+    return None
+
+
+def _load_state(module: nn.Module, state, path: str, prefix: str) -> None:
+    """Load a checkpoint's tensors: a full model (keys under ``prefix``) or the tower itself;
+    every tensor of ``module`` must be there, with its shape."""
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"encoder weights {path}: expected a state dict, got "
+                          f"{type(state).__name__}")
     if prefix and any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k, have, want = wrong[0]
+        raise ConfigError(f"encoder weights {path} do not fit the architecture: {len(wrong)} "
+                          f"tensors of another shape, e.g. {k} {have} != {want}")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing:
         raise ConfigError(f"encoder weights {path} do not fit the architecture: "
@@ -270,11 +328,19 @@ _backbone_cache: Dict[Tuple, nn.Module] = {}
 
 def _backbone(kind: str, arch: Optional[str], weights: Optional[str], seed: int,
               device: Optional[torch.device]) -> nn.Module:
+    from maps.weights import declared_activation, resolve_weight
+
     arch = arch or DEFAULT_ARCH[kind]
     device = torch.device(device) if device is not None else _default_device()
+    activation = declared_activation(weights)
+    try:
+        weights = resolve_weight(weights)  # a cache name -> its verified file
+    except MapsError as e:
+        raise ConfigError(str(e)) from None
     key = (kind, arch, os.path.abspath(weights) if weights else None, seed, str(device))
     if key not in _backbone_cache:
-        bb = _BACKBONES[kind](arch, weights or None, seed).eval().requires_grad_(False)
+        bb = _BACKBONES[kind](arch, weights or None, seed, declared_activation=activation)
+        bb = bb.eval().requires_grad_(False)
         bb.arch = arch
         bb.weights_sha256 = _weights_sha256(weights) if weights else None
         bb.seed = None if weights else int(seed)

@@ -81,15 +81,19 @@ def search_index(index, queries: np.ndarray, k: int, ef_search: Optional[int] = 
 
 
 def load_or_build_index(bank_dir, keys: np.ndarray, params: Optional[IndexParams] = None,
-                        save: bool = True):
+                        save: bool = True, rebuild: bool = False):
     """The bank's index: read from ``bank_dir/index.faiss`` when it matches ``params`` and the
     key count, else built (and saved atomically when ``save``). ``params=None`` takes the
-    stored index whatever its kind (HNSW by default when there is none)."""
+    stored index whatever its kind (HNSW by default when there is none).
+
+    A saved index's sha256 goes into the bank's manifest (training verifies it). A stored
+    index the manifest has no record of (a bank built before indexes were hashed) is stale:
+    rebuilt, as with ``rebuild``."""
     import faiss
 
     bank_dir = Path(bank_dir)
     meta_path, path = bank_dir / INDEX_META, bank_dir / INDEX_FILE
-    if meta_path.is_file() and path.is_file():
+    if not rebuild and meta_path.is_file() and path.is_file() and _recorded(bank_dir):
         try:
             meta = json.loads(meta_path.read_text())
             stored = IndexParams(**meta["params"])
@@ -110,7 +114,22 @@ def load_or_build_index(bank_dir, keys: np.ndarray, params: Optional[IndexParams
             os.fsync(f.fileno())
         os.replace(tmp, path)
         atomic_write_json(meta_path, {"params": asdict(params), "ntotal": int(len(keys))})
+        from maps.memory.bank import record_index
+
+        record_index(bank_dir, asdict(params), len(keys))
     return index
+
+
+def _recorded(bank_dir: Path) -> bool:
+    """False for a bank whose manifest has no record of its index (no manifest: no bank, no
+    record to keep)."""
+    try:
+        manifest = json.loads((bank_dir / "manifest.json").read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "index" in manifest
 
 
 def fast_bf16_available(device: torch.device) -> bool:

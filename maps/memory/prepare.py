@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from maps.errors import ConfigError, MemoryBankError
+from maps.io import make_dir
 
-__all__ = ["DEFAULT_K", "PREPARE_TASK", "memory_dir", "prepare_memory",
+__all__ = ["DEFAULT_K", "MEMORY_KIND", "PREPARE_TASK", "memory_dir", "prepare_memory",
            "apply_memory", "normalize_spec", "bank_dir", "neighbors_dir"]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ DEFAULT_K = 20
 #: import path of :func:`prepare_memory`, as a launcher names it
 PREPARE_TASK = "maps.memory.prepare:prepare_memory"
 MEMORY_SUBDIR = "_memory"
+#: the kind of a memory folder's maps marker (maps.io): what the demo may remove when stale
+MEMORY_KIND = "memory"
 
 _SPEC_DEFAULTS: Dict[str, Any] = {
     "key_encoder": "clip", "key_arch": "", "dense": "tiledclip", "weights": "",
@@ -198,7 +201,9 @@ def prepare_memory(output_dir, *, dataset: str, key_encoder: str = "clip", key_a
                             k=k, dense_arch=dense_arch, dense_weights=dense_weights, index=index))
     _register_datasets(data_root)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # marked when made here (a launcher or the demo may have made and marked it already)
+    make_dir(out, MEMORY_KIND, memory_dataset=s["dataset"],
+             data_root=os.path.abspath(data_root or datasets_root()))
     bdir, ndir = bank_dir(out), neighbors_dir(out)
 
     dicts = load_dataset_dicts(s["dataset"])

@@ -11,7 +11,8 @@ The neighbour cache (``maps memory neighbors``) is JSON lines::
     {"image_id": 139, "neighbors": [ids, most similar first], "scores": [similarities]}
     ...
 
-(the first line is a header tying the cache to its bank; then one line per image).
+(the first line is a header tying the cache to its bank; then one line per image). A cache
+without its header is refused: nothing would tie it to a bank.
 """
 from __future__ import annotations
 
@@ -146,10 +147,23 @@ class NeighborCache:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise MemoryBankError(f"{self.path}:{n}: not valid JSON ({e.msg})") from None
-                if n == 1 and isinstance(rec, dict) and rec.get("format") == NEIGHBORS_FORMAT:
-                    self.header = rec
+                if not self.header:
+                    self.header = self._check_header(rec, n)
                     continue
                 self._add(rec, n)
+        if not self.header:
+            raise MemoryBankError(f"{self.path}: empty neighbour cache (no header line); "
+                                  f"recompute it with `maps memory neighbors`")
+
+    def _check_header(self, rec, n: int) -> Dict:
+        if not isinstance(rec, dict) or rec.get("format") != NEIGHBORS_FORMAT:
+            raise MemoryBankError(
+                f"{self.path}:{n}: no header line (format {NEIGHBORS_FORMAT!r}), so nothing ties "
+                f"this neighbour cache to a bank: recompute it with `maps memory neighbors`")
+        if rec.get("version") != NEIGHBORS_VERSION:
+            raise MemoryBankError(f"{self.path}:{n}: neighbour cache version {rec.get('version')!r} "
+                                  f"is not supported (this library reads {NEIGHBORS_VERSION})")
+        return rec
 
     def _add(self, rec, n: int) -> None:
         where = f"{self.path}:{n}"
@@ -158,6 +172,9 @@ class NeighborCache:
         ids, scores = rec["neighbors"], rec["scores"]
         if not isinstance(ids, list) or not isinstance(scores, list) or len(ids) != len(scores):
             raise MemoryBankError(f"{where}: neighbors and scores must be lists of equal length")
+        if not all(isinstance(i, (int, str)) and not isinstance(i, bool)
+                   for i in (rec["image_id"], *ids)):
+            raise MemoryBankError(f"{where}: image ids must be integers or strings")
         if not all(isinstance(s, (int, float)) for s in scores):
             raise MemoryBankError(f"{where}: scores must be numbers")
         if any(b > a + 1e-5 for a, b in zip(scores, scores[1:])):
@@ -186,11 +203,21 @@ class NeighborCache:
         return self._map.items()
 
     def check_bank(self, bank: MemoryBank) -> None:
-        """Refuse a cache computed against another bank."""
+        """Refuse a cache computed against another bank (its header's fingerprint is not the
+        bank's scene keys' sha256), or naming an image the bank does not hold."""
         want = self.header.get("bank_scene_keys_sha256")
-        if want is not None and want != _bank_fingerprint(bank):
+        if not isinstance(want, str):
+            raise MemoryBankError(f"{self.path}: header key 'bank_scene_keys_sha256' is missing, "
+                                  f"so nothing ties this neighbour cache to bank {bank.path}: "
+                                  f"recompute it with `maps memory neighbors`")
+        if want != _bank_fingerprint(bank):
             raise MemoryBankError(f"neighbour cache {self.path} was computed against another "
                                   f"bank ({self.header.get('bank')}), not {bank.path}")
+        for iid, (ids, _) in self._map.items():
+            missing = next((i for i in ids if bank.row(i) is None), None)
+            if missing is not None:
+                raise MemoryBankError(f"neighbour cache {self.path}: neighbour {missing!r} of image "
+                                      f"{iid!r} is not in bank {bank.path}")
 
 def compute_neighbors(bank: MemoryBank, dataset_dicts: Sequence[Dict], k: int, *,
                       key_encoder=None, search: str = "exact", batch_size: int = 32,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Sequence
 
 from detectron2.config import CfgNode
 
@@ -39,6 +39,38 @@ def build_memory_attacher(cfg: CfgNode, dataset_name: str):
             neighbor_cache_path(cfg.MODEL.MAPS.MEMORY.NEIGHBORS, dataset_name))
         cfg.freeze()
     return MemoryAttacher(cfg)
+
+
+def verify_memory(cfg: CfgNode, dataset_names: Sequence[str]) -> Dict[str, Any]:
+    """Check the memory a run reads before its step 0; return what the run records of it.
+
+    The bank's manifest is well formed, every array and the FAISS index match the sha256 the
+    manifest records (hashed in full once per change of a file, see
+    :meth:`MemoryBank.verify`), and the neighbour cache of each of ``dataset_names`` has its
+    header and was computed against this bank. Online retrieval needs the index. Raises
+    :class:`MemoryBankError`, one line naming the file.
+    """
+    from maps.memory.bank import MemoryBank
+    from maps.memory.retrieval import NeighborCache
+
+    mem = cfg.MODEL.MAPS.MEMORY
+    if not mem.BANK:
+        raise MemoryBankError("MODEL.MAPS.MEMORY.BANK must name a memory bank directory "
+                              "(maps memory build)")
+    bank = MemoryBank(mem.BANK)
+    bank.verify()
+    if mem.ONLINE and "index" not in bank.manifest:
+        raise MemoryBankError(f"memory bank {bank.path} has no index, which online retrieval "
+                              f"(MODEL.MAPS.MEMORY.ONLINE) searches: build it with "
+                              f"`maps memory index --bank {bank.path}`")
+    if not mem.ONLINE:
+        if not mem.NEIGHBORS:
+            raise MemoryBankError("MODEL.MAPS.MEMORY.NEIGHBORS must name a neighbour cache "
+                                  "(maps memory neighbors), or set MODEL.MAPS.MEMORY.ONLINE")
+        for name in dict.fromkeys(dataset_names):
+            NeighborCache(neighbor_cache_path(mem.NEIGHBORS, name)).check_bank(bank)
+    return {**bank_record(mem.BANK), "neighbors": os.path.abspath(mem.NEIGHBORS),
+            "online": bool(mem.ONLINE)}
 
 
 def bank_record(bank_dir: str) -> Dict[str, str]:

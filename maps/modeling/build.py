@@ -13,7 +13,7 @@ import torch
 from detectron2.config import CfgNode
 from torch import nn
 
-from maps.config import get_maps_cfg
+from maps.config import get_maps_cfg, merge_config_file
 from maps.errors import ConfigError
 
 __all__ = ["load_config", "build_model", "count_parameters", "MEMORY_PARAM_MARKER"]
@@ -40,21 +40,8 @@ def load_config(path: Optional[str | os.PathLike] = None, opts: Sequence[str] = 
     """
     cfg = get_maps_cfg()
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            cfg.merge_from_file(path)
-        except FileNotFoundError as e:  # a missing _BASE_
-            raise ConfigError(f"config file {path}: {e.filename or e} does not exist") from None
-        except KeyError as e:
-            raise ConfigError(f"config file {path}: {_yacs_message(e)}") from None
-        except (ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"config file {path}: {_yacs_message(e)}") from None
-        except Exception as e:  # yaml.YAMLError and friends
-            if type(e).__module__.startswith("yaml"):
-                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-            raise
+        # read as data (safe_load), the _BASE_ chain included: never detectron2's unsafe default
+        merge_config_file(cfg, os.fspath(path))
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd number: {opts}")

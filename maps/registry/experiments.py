@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import yaml
 
+from maps.config import DENSE_EXTRACTORS, KEY_ENCODERS, check_maps_values  # noqa: F401  (re-exported)
 from maps.errors import ConfigError
 
 if TYPE_CHECKING:  # detectron2 imports torch: keep it out of `maps --help`
@@ -69,8 +69,6 @@ TABLES = tuple(range(1, 9))
 #: the paper's metric columns; ``params`` in millions, ``iters`` in iterations
 METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU", "params", "iters")
 CONFIDENCE = ("high", "medium", "low")
-KEY_ENCODERS = ("clip", "dino")
-DENSE_EXTRACTORS = ("clip", "dino", "maskclip", "tiledclip")
 #: config keys an ``eval_of`` entry may change: test-time behaviour only, never training
 EVAL_ONLY_PREFIXES = ("MODEL.MAPS.TEST.", "MODEL.MASK_FORMER.TEST.", "TEST.", "DATASETS.TEST")
 
@@ -198,15 +196,16 @@ class Experiment:
             cfg.SEED = int(seed)
         return cfg
 
-    def memory_spec(self) -> Optional[Dict[str, Any]]:
+    def memory_spec(self, cfg: Optional["CfgNode"] = None) -> Optional[Dict[str, Any]]:
         """What this run's memory bank is built from, or None when memory is off.
 
         Runs with equal specs share one bank and one neighbour cache (a launcher builds each
-        distinct spec once, as a prerequisite of the runs that need it).
+        distinct spec once, as a prerequisite of the runs that need it). ``cfg`` is this
+        experiment's config as the launch resolved it (weights), default its own.
         """
         if not self.runnable:
             return None
-        cfg = self.build_config()
+        cfg = cfg if cfg is not None else self.build_config()
         if not cfg.MODEL.MAPS.ENABLED:
             return None
         mem = cfg.MODEL.MAPS.MEMORY
@@ -345,7 +344,7 @@ _BASE_CACHE: Dict[Tuple[str, int], "CfgNode"] = {}
 
 
 def _load_base(path: Optional[Path], where: str) -> "CfgNode":
-    from maps.config import get_maps_cfg
+    from maps.config import get_maps_cfg, merge_config_file
 
     if path is None:
         raise ConfigError(f"{where}: no base config")
@@ -355,12 +354,10 @@ def _load_base(path: Optional[Path], where: str) -> "CfgNode":
     if key in _BASE_CACHE:
         return _BASE_CACHE[key].clone()
     cfg = get_maps_cfg()
-    try:
-        cfg.merge_from_file(str(path), allow_unsafe=False)
-    except (KeyError, AssertionError) as e:  # yacs: unknown key; detectron2: renamed key
-        raise ConfigError(f"{where}: base config {path}: {_strip(e)}") from None
-    except (ValueError, TypeError, OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{where}: base config {path}: {_strip(e)}") from None
+    try:  # safe_load only, the _BASE_ chain included; the error names the file at fault
+        merge_config_file(cfg, path)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: base {e}") from None
     _BASE_CACHE[key] = cfg.clone()
     return cfg
 
@@ -402,54 +399,6 @@ def _set_iterations(cfg: "CfgNode", iterations: Optional[int], steps_overridden:
             if 0 < s < iterations and (not kept or s > kept[-1]):
                 kept.append(s)
         cfg.SOLVER.STEPS = tuple(kept)
-
-
-def check_maps_values(cfg: "CfgNode") -> List[Tuple[str, str]]:
-    """Range checks of the MAPS keys a type check cannot catch: ``[(key, problem), ...]``.
-
-    Layer indices are 0-based decoder layers: ``DEC_LAYERS - 1`` of them (9 for the paper).
-    ``POOL_SIZE >= NUM_RETRIEVED`` is required only when Random-Sampling draws from the pool.
-    """
-    problems: List[Tuple[str, str]] = []
-    m = cfg.MODEL.MAPS
-    n_layers = int(cfg.MODEL.MASK_FORMER.DEC_LAYERS) - 1
-    for key in ("SCENE_LAYERS", "OBJECT_LAYERS", "EXTRA_SELF_ATTN_LAYERS"):
-        layers = list(m[key])
-        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
-               or not 0 <= i < n_layers]
-        if bad:
-            problems.append((f"MODEL.MAPS.{key}", f"layer index {bad[0]!r} outside 0..{n_layers - 1} "
-                             f"(the decoder has {n_layers} layers: DEC_LAYERS - 1)"))
-        elif len(set(layers)) != len(layers):
-            problems.append((f"MODEL.MAPS.{key}", f"repeated layer index in {layers}"))
-    shared = sorted(set(m.SCENE_LAYERS) & set(m.OBJECT_LAYERS))
-    if m.ENABLED and shared:
-        # the decoder refuses it too, but only when the model is built (in a job)
-        problems.append(("MODEL.MAPS.SCENE_LAYERS", f"layers {shared} are also in OBJECT_LAYERS "
-                         f"{list(m.OBJECT_LAYERS)}: a decoder layer takes at most one memory"))
-    for key in ("INPUT_MASKING_PROB", "LAYER_MASKING_PROB"):
-        p = m[key]
-        if not 0.0 <= p <= 1.0:
-            problems.append((f"MODEL.MAPS.{key}", f"{p!r} is not a probability in [0, 1]"))
-    if m.NUM_RETRIEVED < 1:
-        problems.append(("MODEL.MAPS.NUM_RETRIEVED", f"k must be >= 1, got {m.NUM_RETRIEVED}"))
-    if m.POOL_SIZE < 1:
-        problems.append(("MODEL.MAPS.POOL_SIZE", f"pool must be >= 1, got {m.POOL_SIZE}"))
-    elif m.RANDOM_SAMPLING and m.POOL_SIZE < m.NUM_RETRIEVED:
-        problems.append(("MODEL.MAPS.POOL_SIZE", f"pool {m.POOL_SIZE} < k {m.NUM_RETRIEVED}: "
-                         "Random-Sampling draws k of the pool"))
-    for key in ("SCENE_MEMORY_DIM", "OBJECT_MEMORY_DIM"):
-        if m[key] < 1:
-            problems.append((f"MODEL.MAPS.{key}", f"must be >= 1, got {m[key]}"))
-    if m.MEMORY.KEY_ENCODER not in KEY_ENCODERS:
-        problems.append(("MODEL.MAPS.MEMORY.KEY_ENCODER", f"{m.MEMORY.KEY_ENCODER!r} is not one "
-                         f"of {', '.join(KEY_ENCODERS)}"))
-    if m.MEMORY.DENSE not in DENSE_EXTRACTORS:
-        problems.append(("MODEL.MAPS.MEMORY.DENSE", f"{m.MEMORY.DENSE!r} is not one of "
-                         f"{', '.join(DENSE_EXTRACTORS)}"))
-    if cfg.SOLVER.MAX_ITER < 1:
-        problems.append(("SOLVER.MAX_ITER", f"must be >= 1, got {cfg.SOLVER.MAX_ITER}"))
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------

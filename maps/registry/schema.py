@@ -3,19 +3,26 @@
 Kept apart from :mod:`maps.registry` so that the data model reads on one screen; everything
 here is pure YAML and paths (no detectron2), so ``maps list`` can check the schema quickly.
 Every error is a :class:`maps.errors.ConfigError` naming the file, the entry and the key.
+
+The schema of a file, of its ``defaults``, of an entry and of a grid point is declared as
+pydantic models (keys, types, ranges, allowed values; pydantic's error location names the key);
+what needs more than one mapping (defaults merged into entries, grid expansion and templates,
+``same_as`` / ``eval_of`` / ``mirrors`` references, base configs on disk) is checked here by hand.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
-from maps.errors import ConfigError
+from maps.errors import ConfigError, schema_error_message
 from maps.registry.experiments import (
-    _DEFAULT_KEYS, _ENTRY_KEYS, _FILE_KEYS, _NAME_RE, _POINT_KEYS, _SETUP_KEYS, CONFIDENCE,
-    EVAL_ONLY_PREFIXES, METRICS, SUITES, TABLES, Experiment, TableInfo, expand_grid,
+    _NAME_RE, _SETUP_KEYS, EVAL_ONLY_PREFIXES, METRICS, SUITES, TABLES, Experiment, TableInfo,
+    expand_grid,
 )
 
 CONFIGS_DIR = "configs"
@@ -104,73 +111,39 @@ def _parse_file(path: Path, root: Path) -> Tuple[TableInfo, List[_Entry]]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'table', 'suite' and 'entries', got "
                           f"{type(data).__name__}")
-    _unknown_keys(data, _FILE_KEYS, str(path))
-    for key in ("table", "suite", "entries"):
-        if key not in data:
-            raise ConfigError(f"{path}: missing key '{key}'")
-    table = data["table"]
-    if isinstance(table, bool) or not isinstance(table, int) or table not in TABLES:
-        raise ConfigError(f"{path}: key 'table': unknown table {table!r} (the paper has tables "
-                          f"{TABLES[0]}-{TABLES[-1]})")
-    suite = data["suite"]
-    if suite not in SUITES:
-        raise ConfigError(f"{path}: key 'suite': unknown suite {suite!r} (expected one of "
-                          f"{', '.join(SUITES)})")
-    columns = data.get("columns", list(METRICS))
-    if not isinstance(columns, list) or any(c not in METRICS for c in columns):
-        bad = [c for c in columns if c not in METRICS] if isinstance(columns, list) else columns
-        raise ConfigError(f"{path}: key 'columns': unknown metric {bad!r} (known: "
-                          f"{', '.join(METRICS)})")
-    info = TableInfo(number=table, suite=suite, title=str(data.get("title", "")),
-                     columns=tuple(columns), source=path, notes=str(data.get("notes", "")))
+    context = {"configs": root / CONFIGS_DIR}
+    f = _validate(_FileSchema, data, str(path), context)
+    info = TableInfo(number=f.table, suite=f.suite, title=str(f.title), columns=tuple(f.columns),
+                     source=path, notes=str(f.notes))
     defaults = data.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"{path}: key 'defaults': expected a mapping")
-    _unknown_keys(defaults, _DEFAULT_KEYS, f"{path}: defaults")
-    raw_entries = data["entries"]
-    if not isinstance(raw_entries, list) or not raw_entries:
-        raise ConfigError(f"{path}: key 'entries': expected a non-empty list")
+    context.update(columns=info.columns, table=info.number)
     out: List[_Entry] = []
-    for i, raw in enumerate(raw_entries):
+    for i, raw in enumerate(f.entries):
         label = raw.get("name") if isinstance(raw, dict) else None
         where = f"{path}: entry '{label}'" if isinstance(label, str) else f"{path}: entry #{i + 1}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        out.extend(_parse_entry(raw, defaults, info, root, where))
+        out.extend(_parse_entry(raw, defaults, info, root, where, context))
     return info, out
 
 
+def _validate(schema: type, data: Mapping[str, Any], where: str, context: Mapping[str, Any]) -> Any:
+    try:
+        return schema.model_validate(dict(data), context=dict(context))
+    except ValidationError as e:
+        raise ConfigError(schema_error_message(e, where, schema)) from None
+
+
 def _parse_entry(raw: Dict[str, Any], defaults: Mapping[str, Any], info: TableInfo, root: Path,
-                 where: str) -> List[_Entry]:
-    _unknown_keys(raw, _ENTRY_KEYS, where)
-    name = raw.get("name")
-    templated = isinstance(name, str) and "grid" in raw and "{" in name  # checked once expanded
-    if not isinstance(name, str) or not (templated or _NAME_RE.match(name)):
-        raise ConfigError(f"{where}: key 'name': {name!r} is not a valid experiment name "
-                          "(lower-case words joined by '/', e.g. 'ade20k/table5/swapped')")
-    if "row" not in raw:
-        raise ConfigError(f"{where}: missing key 'row' (the row's label as printed in the paper)")
-    runnable = raw.get("runnable", True)
-    if not isinstance(runnable, bool):
-        raise ConfigError(f"{where}: key 'runnable': expected true or false, got {runnable!r}")
-    same_as, eval_of = _opt_str(raw, "same_as", where), _opt_str(raw, "eval_of", where)
-    if same_as and eval_of:
-        raise ConfigError(f"{where}: 'same_as' and 'eval_of' exclude each other")
+                 where: str, context: Mapping[str, Any]) -> List[_Entry]:
+    entry = _validate(_EntrySchema, raw, where, context)
+    runnable = entry.runnable
     declared = {k: raw[k] for k in _SETUP_KEYS if k in raw}
-    if not runnable:
-        for key in sorted(set(declared) | ({"grid", "same_as", "eval_of"} & set(raw))):
-            raise ConfigError(f"{where}: key '{key}': a reference row (runnable: false) has no "
-                              "setup; it only carries the paper's numbers")
-    grid = raw.get("grid")
-    points = raw.get("points") or {}
-    if grid is None and "points" in raw:
-        raise ConfigError(f"{where}: key 'points' needs a 'grid'")
-    if not isinstance(points, dict):
-        raise ConfigError(f"{where}: key 'points': expected a mapping of expanded names")
+    points = entry.points or {}
     combos: List[Dict[str, Any]] = [{}]
-    if grid is not None:
-        combos = _grid_combos(grid, where)
-    names = [_point_name(name, combo, where) for combo in combos]
+    if entry.grid is not None:
+        combos = expand_grid(entry.grid)
+    names = [_point_name(entry.name, combo, where) for combo in combos]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'grid': the grid expands to repeated names {names}")
     for key in points:
@@ -179,11 +152,7 @@ def _parse_entry(raw: Dict[str, Any], defaults: Mapping[str, Any], info: TableIn
                               f"(it expands to: {', '.join(names)})")
     out = []
     for combo, point_name in zip(combos, names):
-        point = points.get(point_name) or {}
-        if not isinstance(point, dict):
-            raise ConfigError(f"{where}: points '{point_name}': expected a mapping")
-        _unknown_keys(point, _POINT_KEYS, f"{where}: points '{point_name}'")
-        merged = {**raw, **point}
+        merged = {**raw, **((raw.get("points") or {}).get(point_name) or {})}
         pwhere = f"{info.source}: entry '{point_name}'"
         out.append(_make_entry(merged, point_name, combo, defaults, declared, info, root, pwhere,
                                runnable))
@@ -193,53 +162,34 @@ def _parse_entry(raw: Dict[str, Any], defaults: Mapping[str, Any], info: TableIn
 def _make_entry(raw: Dict[str, Any], name: str, combo: Dict[str, Any], defaults: Mapping[str, Any],
                 declared: Dict[str, Any], info: TableInfo, root: Path, where: str,
                 runnable: bool) -> _Entry:
-    same_as, eval_of = _opt_str(raw, "same_as", where), _opt_str(raw, "eval_of", where)
+    """One experiment of an entry (one grid point): ``raw`` is the entry with the point's keys
+    merged in, both already checked by the schema."""
+    same_as, eval_of, mirrors = raw.get("same_as"), raw.get("eval_of"), raw.get("mirrors")
     placeholders = _placeholders(combo)
-    mirrors = _opt_str(raw, "mirrors", where)
     if mirrors and combo and "{" in mirrors:
         mirrors = _format(mirrors, placeholders, where, "mirrors")
-    row = raw["row"]
-    if not isinstance(row, (str, int, float)) or isinstance(row, bool):
-        raise ConfigError(f"{where}: key 'row': expected text, got {row!r}")
-    row = str(row)
+    row = str(raw["row"])
     if combo and "{" in row:
         row = _format(row, placeholders, where, "row")
-    paper = _paper(raw.get("paper") or {}, info, where)
-    cells = raw.get("cells") or {}
-    if not isinstance(cells, dict) or any(not isinstance(k, str) for k in cells):
-        raise ConfigError(f"{where}: key 'cells': expected a mapping of column name -> value")
+    paper = dict(raw.get("paper") or {})
+    cells = dict(raw.get("cells") or {})
     reconstructed = raw.get("reconstructed") or {}
-    if not isinstance(reconstructed, dict):
-        raise ConfigError(f"{where}: key 'reconstructed': expected a mapping of what -> why")
-    for key, why in reconstructed.items():
+    for key in reconstructed:
         if key != "row" and key not in paper and key not in cells:
             raise ConfigError(f"{where}: key 'reconstructed': '{key}' is neither 'row' nor a "
                               "value of 'paper' or 'cells' of this entry")
-        if not isinstance(why, str) or not why.strip():
-            raise ConfigError(f"{where}: key 'reconstructed': '{key}' needs the reason as text")
-    confidence = raw.get("confidence")
-    if confidence is not None and confidence not in CONFIDENCE:
-        raise ConfigError(f"{where}: key 'confidence': {confidence!r} is not one of "
-                          f"{', '.join(CONFIDENCE)}")
-    notes = raw.get("notes", "")
-    if not isinstance(notes, str):
-        raise ConfigError(f"{where}: key 'notes': expected text")
 
     setup = {k: v for k, v in defaults.items()} if runnable else {}
     if runnable:
         setup.update({k: raw[k] for k in _SETUP_KEYS if k in raw})
         setup["overrides"] = {**(defaults.get("overrides") or {}), **(raw.get("overrides") or {})}
-    overrides = _overrides(setup.get("overrides") or {}, where)
+    overrides = dict(setup.get("overrides") or {})
     overrides.update(combo)
     our_choices = raw.get("our_choices") or {}
-    if not isinstance(our_choices, dict):
-        raise ConfigError(f"{where}: key 'our_choices': expected a mapping of config key -> why")
-    for key, why in our_choices.items():
+    for key in our_choices:
         if key not in overrides:
             raise ConfigError(f"{where}: key 'our_choices': '{key}' is not overridden by this "
                               "entry")
-        if not isinstance(why, str) or not why.strip():
-            raise ConfigError(f"{where}: key 'our_choices': '{key}' needs the reason as text")
 
     base = None
     if runnable and not same_as and not eval_of:
@@ -251,14 +201,14 @@ def _make_entry(raw: Dict[str, Any], name: str, combo: Dict[str, Any], defaults:
         base = _base_path(setup["base"], root, where)
     experiment = Experiment(
         name=name, suite=info.suite, table=info.number, row=row, runnable=runnable,
-        base_config=base, overrides=overrides,
-        iterations=_iterations(setup["iterations"], where) if "iterations" in setup else None,
-        seeds=_seeds(setup.get("seeds", 1), where) if runnable else (),
-        datasets=_datasets(setup.get("datasets") or {}, where),
+        base_config=base, overrides=overrides, iterations=setup.get("iterations"),
+        seeds=_seeds(setup.get("seeds", 1)) if runnable else (),
+        datasets=_datasets(setup.get("datasets") or {}),
         paper=paper, reconstructed={str(k): v for k, v in reconstructed.items()},
-        same_as=same_as, notes=notes, source=info.source, eval_of=eval_of, mirrors=mirrors,
-        memory_dataset=_opt_str(setup, "memory_dataset", where), confidence=confidence,
-        cells=dict(cells), our_choices=dict(our_choices), grid_point=dict(combo),
+        same_as=same_as, notes=raw.get("notes", ""), source=info.source, eval_of=eval_of,
+        mirrors=mirrors, memory_dataset=setup.get("memory_dataset"),
+        confidence=raw.get("confidence"), cells=cells, our_choices=dict(our_choices),
+        grid_point=dict(combo),
     )
     declared_setup = dict(declared)
     if combo:
@@ -339,60 +289,212 @@ def _check_mirror(e: _Entry, by_name: Dict[str, _Entry]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# fields
+# the schema
 # ----------------------------------------------------------------------------------------------
-def _unknown_keys(data: Mapping[str, Any], allowed: set, where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            import difflib
-
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            more = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{more}; allowed: "
-                              f"{', '.join(sorted(allowed))}")
-
-
-def _opt_str(raw: Mapping[str, Any], key: str, where: str) -> Optional[str]:
-    value = raw.get(key)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{where}: key '{key}': expected a name, got {value!r}")
+def _name_ref(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a name, got {value!r}")
     return value
 
 
-def _paper(paper: Any, info: TableInfo, where: str) -> Dict[str, float]:
-    if not isinstance(paper, dict):
-        raise ConfigError(f"{where}: key 'paper': expected a mapping of metric -> number")
-    for key, value in paper.items():
-        if key not in METRICS:
-            raise ConfigError(f"{where}: key 'paper': unknown metric '{key}' (known: "
-                              f"{', '.join(METRICS)})")
-        if key not in info.columns:
-            raise ConfigError(f"{where}: key 'paper': '{key}' is not a column of table "
-                              f"{info.number} ({', '.join(info.columns)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: key 'paper.{key}': expected a number, got {value!r} "
-                              "(leave a '-' cell out)")
-    return dict(paper)
+def _config_key(key: Any) -> Any:
+    if not isinstance(key, str) or not key or key != key.strip() or key.upper() != key:
+        raise ValueError(f"{key!r} is not a detectron2 config key (dotted upper-case, e.g. "
+                         "MODEL.MAPS.NUM_RETRIEVED)")
+    return key
 
 
-def _overrides(overrides: Any, where: str) -> Dict[str, Any]:
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: key 'overrides': expected a mapping of detectron2 keys")
-    for key in overrides:
-        if not isinstance(key, str) or not key or key != key.strip() or key.upper() != key:
-            raise ConfigError(f"{where}: key 'overrides': {key!r} is not a detectron2 config key "
-                              "(dotted upper-case, e.g. MODEL.MAPS.NUM_RETRIEVED)")
-    return dict(overrides)
+def _base(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str) or not value:
+        configs = (info.context or {}).get("configs", CONFIGS_DIR)
+        raise ValueError(f"expected a path relative to {configs}, got {value!r}")
+    return value
 
 
-def _grid_combos(grid: Any, where: str) -> List[Dict[str, Any]]:
-    if not isinstance(grid, dict) or not grid:
-        raise ConfigError(f"{where}: key 'grid': expected a mapping of config key -> list of values")
-    for key, values in grid.items():
-        _overrides({key: None}, f"{where}: grid")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: key 'grid.{key}': expected a non-empty list of values")
-    return expand_grid(grid)
+def _iterations(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _seeds_value(value: Any) -> Any:
+    """An int N means seeds 0..N-1; a list names the seeds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"expected a count >= 1, got {value}")
+        return value
+    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool)
+                                                  and s >= 0 for s in value)
+            and len(set(value)) == len(value)):
+        return value
+    raise ValueError(f"expected a count >= 1 or a list of distinct integers >= 0, got {value!r}")
+
+
+def _dataset_names(names: Any) -> Any:
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"expected dataset names, got {names!r}")
+    return names
+
+
+def _row(value: Any) -> Any:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"expected text, got {value!r}")
+    return value
+
+
+def _paper_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r} (leave a '-' cell out)")
+    return value
+
+
+def _grid_values(values: Any) -> Any:
+    if not isinstance(values, list) or not values:
+        raise ValueError("expected a non-empty list of values")
+    return values
+
+
+def _reasons(value: Optional[Dict[Any, Any]]) -> Optional[Dict[Any, Any]]:
+    for key, why in (value or {}).items():
+        if not isinstance(why, str) or not why.strip():
+            raise ValueError(f"'{key}' needs the reason as text")
+    return value
+
+
+_NameRef = Annotated[Any, AfterValidator(_name_ref)]
+_ConfigKey = Annotated[Any, AfterValidator(_config_key)]
+_Split = Literal["train", "test"]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _SetupSchema(_Schema):
+    """How a runnable entry trains: an entry's own keys, or the file's ``defaults``."""
+
+    base: Annotated[Any, AfterValidator(_base)] = Field(None, description="relative to configs/")
+    overrides: Optional[Dict[_ConfigKey, Any]] = None
+    iterations: Annotated[Any, AfterValidator(_iterations)] = None
+    seeds: Annotated[Any, AfterValidator(_seeds_value)] = None
+    datasets: Optional[Dict[_Split, Annotated[Any, AfterValidator(_dataset_names)]]] = None
+    memory_dataset: Optional[_NameRef] = None
+
+
+class _PointSchema(_Schema):
+    """What a grid point may set for its own experiment."""
+
+    mirrors: Optional[_NameRef] = None
+    row: Annotated[Any, AfterValidator(_row)] = None
+    paper: Optional[Dict[str, Annotated[Any, AfterValidator(_paper_number)]]] = None
+    reconstructed: Annotated[Optional[Dict[Any, Any]], AfterValidator(_reasons)] = None
+    confidence: Optional[Literal["high", "medium", "low"]] = None
+    same_as: Optional[_NameRef] = None
+    notes: str = ""
+    cells: Optional[Dict[str, Any]] = None
+
+    @field_validator("paper")
+    @classmethod
+    def _paper_metrics(cls, paper: Optional[Dict[str, Any]], info: ValidationInfo) -> Any:
+        columns = (info.context or {}).get("columns")
+        for key in paper or {}:
+            if key not in METRICS:
+                raise ValueError(f"unknown metric '{key}' (known: {', '.join(METRICS)})")
+            if columns is not None and key not in columns:
+                raise ValueError(f"'{key}' is not a column of table {info.context.get('table')} "
+                                 f"({', '.join(columns)})")
+        return paper
+
+
+class _EntrySchema(_SetupSchema, _PointSchema):
+    """One entry of a registry file: a runnable experiment, an alias, or a reference row."""
+
+    name: Any = Field(description="lower-case words joined by '/', e.g. 'ade20k/table5/swapped'")
+    row: Annotated[Any, AfterValidator(_row)] = Field(
+        description="the row's label as printed in the paper")
+    runnable: bool = True
+    eval_of: Optional[_NameRef] = None
+    our_choices: Annotated[Optional[Dict[Any, Any]], AfterValidator(_reasons)] = None
+    grid: Optional[Dict[_ConfigKey, Annotated[Any, AfterValidator(_grid_values)]]] = None
+    points: Optional[Dict[str, Optional[_PointSchema]]] = None
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_not_empty(cls, grid: Optional[Dict[str, Any]]) -> Any:
+        if grid is not None and not grid:
+            raise ValueError("expected a mapping of config key -> list of values")
+        return grid
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "_EntrySchema":
+        name, given = self.name, self.model_fields_set
+        templated = isinstance(name, str) and self.grid is not None and "{" in name
+        if not isinstance(name, str) or not (templated or _NAME_RE.match(name)):
+            raise ValueError(f"key 'name': {name!r} is not a valid experiment name (lower-case "
+                             "words joined by '/', e.g. 'ade20k/table5/swapped')")
+        if self.same_as and self.eval_of:
+            raise ValueError("'same_as' and 'eval_of' exclude each other")
+        if not self.runnable:
+            for key in sorted((set(_SETUP_KEYS) | {"grid", "same_as", "eval_of"}) & given):
+                raise ValueError(f"key '{key}': a reference row (runnable: false) has no setup; "
+                                 "it only carries the paper's numbers")
+        if self.grid is None and "points" in given:
+            raise ValueError("key 'points' needs a 'grid'")
+        return self
+
+
+def _columns(columns: Any) -> Any:
+    if not isinstance(columns, list) or any(c not in METRICS for c in columns):
+        bad = [c for c in columns if c not in METRICS] if isinstance(columns, list) else columns
+        raise ValueError(f"unknown metric {bad!r} (known: {', '.join(METRICS)})")
+    return columns
+
+
+def _table(table: int) -> int:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r} (the paper has tables {TABLES[0]}-{TABLES[-1]})")
+    return table
+
+
+def _suite(suite: Any) -> Any:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r} (expected one of {', '.join(SUITES)})")
+    return suite
+
+
+def _entries(entries: Any) -> Any:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("expected a non-empty list")
+    return entries
+
+
+class _FileSchema(_Schema):
+    """A registry file: one paper table of one suite (its entries are checked one by one, so
+    that a message names the entry)."""
+
+    table: Annotated[int, AfterValidator(_table)]
+    suite: Annotated[Any, AfterValidator(_suite)]
+    title: Any = ""
+    columns: Annotated[Any, AfterValidator(_columns)] = list(METRICS)
+    notes: Any = ""
+    defaults: Optional[_SetupSchema] = None
+    entries: Annotated[Any, AfterValidator(_entries)]
+
+
+def _base_path(base: str, root: Path, where: str) -> Path:
+    path = root / CONFIGS_DIR / base
+    if not path.is_file():
+        raise ConfigError(f"{where}: key 'base': base config not found: {path}")
+    return path
+
+
+def _seeds(value: Any) -> Tuple[int, ...]:
+    return tuple(range(value)) if isinstance(value, int) else tuple(value)
+
+
+def _datasets(value: Mapping[str, Any]) -> Dict[str, Tuple[str, ...]]:
+    return {k: (names,) if isinstance(names, str) else tuple(names) for k, names in value.items()}
 
 
 def _placeholders(combo: Mapping[str, Any]) -> Dict[str, Any]:
@@ -428,50 +530,3 @@ def _format(template: str, ph: Mapping[str, Any], where: str, key: str) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{where}: key '{key}': template {template!r} uses an unknown "
                           f"placeholder {e} (grid placeholders: {', '.join(ph)})") from None
-
-
-def _base_path(base: Any, root: Path, where: str) -> Path:
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{where}: key 'base': expected a path relative to "
-                          f"{root / CONFIGS_DIR}, got {base!r}")
-    path = root / CONFIGS_DIR / base
-    if not path.is_file():
-        raise ConfigError(f"{where}: key 'base': base config not found: {path}")
-    return path
-
-
-def _iterations(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: key 'iterations': expected an integer >= 1, got {value!r}")
-    return value
-
-
-def _seeds(value: Any, where: str) -> Tuple[int, ...]:
-    """An int N means seeds 0..N-1; a list names the seeds."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError(f"{where}: key 'seeds': expected a count >= 1, got {value}")
-        return tuple(range(value))
-    if (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool)
-                                                  and s >= 0 for s in value)
-            and len(set(value)) == len(value)):
-        return tuple(value)
-    raise ConfigError(f"{where}: key 'seeds': expected a count >= 1 or a list of distinct "
-                      f"integers >= 0, got {value!r}")
-
-
-def _datasets(value: Any, where: str) -> Dict[str, Tuple[str, ...]]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: key 'datasets': expected {{train: [...], test: [...]}}")
-    out: Dict[str, Tuple[str, ...]] = {}
-    for key, names in value.items():
-        if key not in ("train", "test"):
-            raise ConfigError(f"{where}: key 'datasets': unknown split '{key}' (train, test)")
-        if isinstance(names, str):
-            names = [names]
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n
-                                                                for n in names):
-            raise ConfigError(f"{where}: key 'datasets.{key}': expected dataset names, got "
-                              f"{names!r}")
-        out[key] = tuple(names)
-    return out

@@ -76,13 +76,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: lock file of ``--register`` in the registry folder (flock: two sweeps registering at once
+#: on a shared file system must not lose one of the entries)
+REGISTER_LOCK = ".maps-register.lock"
+
+
 def register_best(spec: SweepSpec, best: BestTrial, name: str,
                   experiments_root: Optional[os.PathLike] = None) -> Path:
     """Add ``best`` to the registry as experiment ``name``; returns the file written.
 
     The entry carries the base experiment's full setup (so the file's defaults do not
     matter) plus the trial's values as overrides. Refuses a name already in the registry.
+    The whole read-check-append-write holds a file lock on the registry folder, and the file
+    is replaced atomically.
     """
+    from filelock import FileLock
+
+    from maps.registry import load_registry
+
+    root = Path(load_registry(experiments_root, validate=False).root)
+    with FileLock(str(root / REGISTER_LOCK)):
+        return _register_best(spec, best, name, experiments_root)
+
+
+def _register_best(spec: SweepSpec, best: BestTrial, name: str,
+                   experiments_root: Optional[os.PathLike]) -> Path:
     from maps.registry import load_registry
     from maps.registry.experiments import _NAME_RE
     from maps.registry.schema import CONFIGS_DIR
@@ -183,73 +201,70 @@ def _png(fig: Any) -> bytes:
 
 
 def write_report(spec: SweepSpec, storage: Any, out_dir: os.PathLike) -> Dict[str, Path]:
-    """Write ``history.png``, ``importances.png`` (when computable) and ``summary.md``.
+    """Write Optuna's own plots (``optuna.visualization.matplotlib``) and ``summary.md``.
 
-    History: each finished trial's objective by trial number, pruned trials at their last
-    reported value, and the best so far. Importances: Optuna's fANOVA over completed trials
-    (needs two with different values). Every file is written atomically.
+    ``history.png``: the optimization history (each completed trial's objective and the best
+    so far); ``importances.png``: parameter importances over completed trials (Optuna's
+    default evaluator, PED-ANOVA: deterministic), when computable; with several objectives,
+    ``history_<metric>.png`` and ``importances_<metric>.png`` for the others and
+    ``pareto.png``, the Pareto front; ``intermediate.png``: the PQ each trial reported while
+    training, pruned trials included (when any reported). Every file is written atomically.
     """
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
-    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
 
     study = open_study(spec, storage)
     trials = study.get_trials(deepcopy=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: Dict[str, Path] = {}
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED]
 
-    fig, axes = plt.subplots(1, len(spec.objectives), figsize=(6 * len(spec.objectives), 4), squeeze=False)
+    def save(key: str, name: str, draw: Any) -> None:
+        # optuna sets its style sheet globally: keep it inside this plot
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore")  # "experimental" plots; a legend with nothing in it
+            ax = draw()
+            if hasattr(ax, "set_title"):
+                ax.set_title(f"{spec.name}: {ax.get_title()}")
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            png = _png(fig)
+            plt.close(fig)
+        files[key] = out / name
+        atomic_write_bytes(files[key], png)
+
+    multi = spec.multi_objective
     for i, (metric, direction) in enumerate(zip(spec.objectives, spec.directions)):
-        ax = axes[0][i]
-        xs = [t.number for t in complete]
-        ys = [t.values[i] for t in complete]
-        ax.scatter(xs, ys, label="complete", color="C0")
-        if pruned and not spec.multi_objective:
-            px = [t.number for t in pruned if t.intermediate_values]
-            py = [t.intermediate_values[max(t.intermediate_values)] for t in pruned if t.intermediate_values]
-            ax.scatter(px, py, label="pruned (last report)", color="C3", marker="x")
-        if ys:
-            pick = max if direction == "maximize" else min
-            best, line = None, []
-            for y in ys:
-                best = y if best is None else pick(best, y)
-                line.append(best)
-            ax.step(xs, line, where="post", color="C1", label="best so far")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(f"{metric} ({direction})")
-        ax.set_title(f"{spec.name}: {metric}")
-        ax.legend(loc="best", fontsize=8)
-    files["history"] = out / "history.png"
-    atomic_write_bytes(files["history"], _png(fig))
-    plt.close(fig)
+        key, name = ("history", "history.png") if i == 0 else (f"history_{metric}", f"history_{metric}.png")
+        save(key, name, lambda i=i, metric=metric, direction=direction: plots.plot_optimization_history(
+            study, target=(lambda t: t.values[i]) if multi else None, target_name=f"{metric} ({direction})"))
 
     importances: Dict[str, Dict[str, float]] = {}
+    why: Dict[str, str] = {}
     for i, metric in enumerate(spec.objectives):
         try:
             imp = optuna.importance.get_param_importances(
-                study, target=(lambda t, i=i: t.values[i]) if spec.multi_objective else None)
+                study, target=(lambda t, i=i: t.values[i]) if multi else None)
         except (ValueError, RuntimeError) as e:  # too few trials, or one value everywhere
-            importances[metric] = {}
-            importances.setdefault("_why", {})[metric] = str(e)  # type: ignore[assignment]
+            importances[metric], why[metric] = {}, str(e)
             continue
         importances[metric] = {k: float(v) for k, v in imp.items()}
-    why = importances.pop("_why", {})
-    if any(importances.values()):
-        fig, axes = plt.subplots(1, len(spec.objectives), figsize=(6 * len(spec.objectives), 3), squeeze=False)
-        for i, metric in enumerate(spec.objectives):
-            ax, imp = axes[0][i], importances.get(metric) or {}
-            ax.barh(list(imp)[::-1], list(imp.values())[::-1], color="C2")
-            ax.set_xlabel("importance (fANOVA)")
-            ax.set_title(f"{spec.name}: {metric}")
-        files["importances"] = out / "importances.png"
-        atomic_write_bytes(files["importances"], _png(fig))
-        plt.close(fig)
+    for i, metric in enumerate(spec.objectives):
+        if not importances[metric]:
+            continue
+        key = "importances" if "importances" not in files else f"importances_{metric}"
+        save(key, f"{key}.png", lambda i=i, metric=metric: plots.plot_param_importances(
+            study, target=(lambda t: t.values[i]) if multi else None, target_name=metric))
+    if not multi and any(t.intermediate_values for t in trials):
+        save("intermediate", "intermediate.png", lambda: plots.plot_intermediate_values(study))
+    if multi and any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        save("pareto", "pareto.png", lambda: plots.plot_pareto_front(
+            study, target_names=[f"{m} ({d})" for m, d in zip(spec.objectives, spec.directions)]))
 
     files["summary"] = out / "summary.md"
     atomic_write_text(files["summary"], _summary_md(spec, study, trials, importances, why, files))

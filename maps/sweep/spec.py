@@ -37,11 +37,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
+import pydantic.dataclasses
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from maps.errors import ConfigError, MapsError
+from maps.errors import ConfigError, MapsError, schema_error_message
 
 if TYPE_CHECKING:  # optuna and detectron2 are heavy: keep them out of `maps --help`
     import optuna
@@ -64,8 +66,6 @@ _FORBIDDEN_KEYS = ("SEED", "OUTPUT_DIR", "SOLVER.MAX_ITER")
 #: config keys that only exist in a model with memory (``MODEL.MAPS.ENABLED``)
 _MEMORY_KEYS = ("MODEL.MAPS.", "SOLVER.MEMORY_MULTIPLIER")
 _MEMORY_FREE = ("MODEL.MAPS.ENABLED", "MODEL.MAPS.EXTRA_SELF_ATTN_LAYERS")
-_FILE_KEYS = {"name", "experiment", "description", "objective", "direction", "sampler", "pruner",
-              "iterations", "overrides", "space", "seed", "task", "heartbeat"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
@@ -76,17 +76,64 @@ class SweepError(MapsError):
 # ---------------------------------------------------------------------------------------------
 # declaration
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+#: a finite int or float, kept as written (``low: 3`` stays 3 in messages and in to_dict)
+_Number = Annotated[Any, AfterValidator(_number)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
 class ParamSpec:
-    """One searched detectron2 key and its range (what ``trial.suggest_*`` is called with)."""
+    """One searched detectron2 key and its range (what ``trial.suggest_*`` is called with).
+
+    Validated by pydantic on construction: a searchable key, a known type, numbers for the
+    bounds, a non-empty range, distinct choices.
+    """
 
     key: str
-    type: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    step: Optional[float] = None
+    type: Literal["int", "float", "categorical"]
+    low: Optional[_Number] = None
+    high: Optional[_Number] = None
+    step: Optional[_Number] = None
     log: bool = False
     choices: Tuple[Any, ...] = ()
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _frozen_choices(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(tuple(c) if isinstance(c, list) else c for c in value)
+        return value
+
+    @model_validator(mode="after")
+    def _a_range(self) -> "ParamSpec":
+        if not re.match(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$", self.key):
+            raise ValueError("not a detectron2 config key (e.g. MODEL.MAPS.NUM_RETRIEVED)")
+        if self.key in _FORBIDDEN_KEYS:
+            raise ValueError(f"{self.key} cannot be searched (use the sweep's 'iterations' or its seed)")
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("empty range: 'choices' must be a non-empty list")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"repeated value in 'choices' {_plain_choices(self.choices)}")
+            return self
+        low, high, step = self.low, self.high, self.step
+        for name, v in (("low", low), ("high", high)):
+            if v is None:
+                raise ValueError(f"'{name}' must be a number, got None")
+            if self.type == "int" and int(v) != v:
+                raise ValueError(f"'{name}' must be an integer for type int, got {v!r}")
+        if not low < high:
+            raise ValueError(f"empty range: low {low!r} must be < high {high!r}")
+        if step is not None and (step <= 0 or step > high - low):
+            raise ValueError(f"'step' must be a number in (0, high - low], got {step!r}")
+        if self.log and (low <= 0 or step not in (None, 1)):
+            raise ValueError("'log' needs low > 0 and no step")
+        return self
 
     def suggest(self, trial: "optuna.Trial") -> Any:
         """The trial's value of this key (lists of categorical choices come back as lists)."""
@@ -200,121 +247,141 @@ def load_sweep(name: str, root: Optional[os.PathLike] = None) -> SweepSpec:
     return parse_sweep(data, source=path)
 
 
+class _Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    interval: float = Field(10.0, gt=0, description="seconds between a worker's heartbeats")
+    grace: Optional[float] = Field(None, description="silence after which a worker is dead")
+
+    @model_validator(mode="after")
+    def _grace_after_beats(self) -> "_Heartbeat":
+        grace = self.grace if self.grace is not None else max(120.0, 6 * self.interval)
+        if grace <= 2 * self.interval:
+            raise ValueError(f"need interval > 0 and grace > 2 * interval (got interval "
+                             f"{self.interval:g}, grace {grace:g})")
+        self.grace = grace
+        return self
+
+
+def _metrics(value: Any) -> List[str]:
+    metrics = _as_list(value)
+    if not metrics:
+        raise ValueError("at least one metric is needed")
+    for m in metrics:
+        if m not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown metric {m!r} (known: {', '.join(OBJECTIVE_METRICS)})")
+    return metrics
+
+
+def _component(known: Sequence[str], key: str) -> Any:
+    """A sampler or pruner: a name, or a mapping with a ``name`` and its arguments."""
+    def check(raw: Any) -> Dict[str, Any]:
+        if isinstance(raw, str):
+            raw = {"name": raw}
+        if not isinstance(raw, dict) or raw.get("name") not in known:
+            name = raw.get("name") if isinstance(raw, dict) else raw
+            raise ValueError(f"unknown {key} {name!r} (known: {', '.join(known)})")
+        return dict(raw)
+    return AfterValidator(check)
+
+
+def _task(value: str) -> str:
+    if ":" not in value:
+        raise ValueError(f"expected 'package.module:function', got {value!r}")
+    return value
+
+
+def _study_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid study name (lower-case letters, digits, '_', "
+                         "'-', '.')")
+    return value
+
+
+class _SweepFile(BaseModel):
+    """The schema of a ``sweeps/*.yaml`` file (the search space is checked by ParamSpec)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    name: Annotated[str, AfterValidator(_study_name)]
+    experiment: str = Field(min_length=1, description="the registry experiment the study starts from")
+    description: Any = ""
+    objective: Annotated[Any, AfterValidator(_metrics)] = "PQ"
+    direction: Any = "maximize"
+    sampler: Annotated[Any, _component(SAMPLERS, "sampler")] = "tpe"
+    pruner: Annotated[Any, _component(PRUNERS, "pruner")] = "median"
+    iterations: Optional[int] = Field(None, ge=1)
+    overrides: Optional[Dict[str, Any]] = None
+    space: Dict[Any, Any] = Field(description="config key -> range")
+    seed: int = Field(0, ge=0)
+    task: Annotated[str, AfterValidator(_task)] = DEFAULT_TASK
+    heartbeat: Optional[_Heartbeat] = None
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, value: Dict[Any, Any]) -> Dict[Any, Any]:
+        if not value:
+            raise ValueError("expected a non-empty mapping of config key -> range")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "_SweepFile":
+        objectives, directions = self.objective, _as_list(self.direction)
+        if len(directions) == 1 and len(objectives) > 1:
+            directions = directions * len(objectives)
+        if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
+            raise ValueError(f"key 'direction': expected one of {DIRECTIONS} per objective "
+                             f"({len(objectives)}), got {self.direction!r}")
+        self.direction = directions
+        if len(objectives) > 1 and self.pruner["name"] != "none":
+            raise ValueError("key 'pruner': Optuna cannot prune a multi-objective study; use "
+                             "pruner: none")
+        clash = sorted(set(self.overrides or {}) & set(self.space))
+        if clash:
+            raise ValueError(f"key 'overrides': '{clash[0]}' is also searched in 'space'")
+        return self
+
+
 def parse_sweep(data: Mapping[str, Any], source: Optional[Path] = None) -> SweepSpec:
     """A :class:`SweepSpec` from its YAML mapping; every mistake names the file and key."""
     where = str(source) if source else f"sweep {data.get('name')!r}"
-    unknown = sorted(set(data) - _FILE_KEYS)
-    if unknown:
-        raise SweepError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_FILE_KEYS))})")
-    name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SweepError(f"{where}: key 'name': {name!r} is not a valid study name "
-                         "(lower-case letters, digits, '_', '-', '.')")
-    experiment = data.get("experiment")
-    if not isinstance(experiment, str) or not experiment:
-        raise SweepError(f"{where}: missing key 'experiment' (the registry experiment the study starts from)")
-    objectives = _as_list(data.get("objective", "PQ"))
-    directions = _as_list(data.get("direction", "maximize"))
-    if not objectives:
-        raise SweepError(f"{where}: key 'objective': at least one metric is needed")
-    for m in objectives:
-        if m not in OBJECTIVE_METRICS:
-            raise SweepError(f"{where}: key 'objective': unknown metric {m!r} (known: {', '.join(OBJECTIVE_METRICS)})")
-    if len(directions) == 1 and len(objectives) > 1:
-        directions = directions * len(objectives)
-    if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
-        raise SweepError(f"{where}: key 'direction': expected one of {DIRECTIONS} per objective "
-                         f"({len(objectives)}), got {data.get('direction')!r}")
-    sampler = _component(data.get("sampler", "tpe"), SAMPLERS, where, "sampler")
-    pruner = _component(data.get("pruner", "median"), PRUNERS, where, "pruner")
-    if len(objectives) > 1 and pruner["name"] != "none":
-        raise SweepError(f"{where}: key 'pruner': Optuna cannot prune a multi-objective study; "
-                         "use pruner: none")
-    space = data.get("space")
-    if not isinstance(space, dict) or not space:
-        raise SweepError(f"{where}: key 'space': expected a non-empty mapping of config key -> range")
-    params = tuple(_param(key, raw, where) for key, raw in space.items())
-    overrides = data.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise SweepError(f"{where}: key 'overrides': expected a mapping of config key -> value")
-    clash = sorted(set(overrides) & set(space))
-    if clash:
-        raise SweepError(f"{where}: key 'overrides': '{clash[0]}' is also searched in 'space'")
-    iterations = data.get("iterations")
-    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
-                                   or iterations < 1):
-        raise SweepError(f"{where}: key 'iterations': expected an integer >= 1, got {iterations!r}")
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SweepError(f"{where}: key 'seed': expected an integer >= 0, got {seed!r}")
-    heartbeat = data.get("heartbeat") or {}
-    if not isinstance(heartbeat, dict) or set(heartbeat) - {"interval", "grace"}:
-        raise SweepError(f"{where}: key 'heartbeat': expected {{interval: s, grace: s}}")
-    interval = float(heartbeat.get("interval", 10.0))
-    grace = float(heartbeat.get("grace", max(120.0, 6 * interval)))
-    if interval <= 0 or grace <= 2 * interval:
-        raise SweepError(f"{where}: key 'heartbeat': need interval > 0 and grace > 2 * interval "
-                         f"(got interval {interval:g}, grace {grace:g})")
-    task = data.get("task", DEFAULT_TASK)
-    if not isinstance(task, str) or ":" not in task:
-        raise SweepError(f"{where}: key 'task': expected 'package.module:function', got {task!r}")
-    return SweepSpec(name=name, experiment=experiment, space=params, objectives=tuple(objectives),
-                     directions=tuple(directions), sampler=sampler, pruner=pruner,
-                     iterations=iterations, overrides=dict(overrides), seed=seed, task=task,
-                     heartbeat_interval=interval, grace_period=grace,
-                     description=str(data.get("description") or ""), source=source)
+    try:
+        f = _SweepFile.model_validate(dict(data))
+    except ValidationError as e:
+        raise SweepError(schema_error_message(e, where, _SweepFile)) from None
+    params = tuple(_param(key, raw, where) for key, raw in f.space.items())
+    heartbeat = f.heartbeat or _Heartbeat()
+    return SweepSpec(name=f.name, experiment=f.experiment, space=params, objectives=tuple(f.objective),
+                     directions=tuple(f.direction), sampler=f.sampler, pruner=f.pruner,
+                     iterations=f.iterations, overrides=dict(f.overrides or {}), seed=f.seed,
+                     task=f.task, heartbeat_interval=heartbeat.interval,
+                     grace_period=heartbeat.grace, description=str(f.description or ""),
+                     source=source)
 
 
 def _as_list(value: Any) -> List[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _component(raw: Any, known: Sequence[str], where: str, key: str) -> Dict[str, Any]:
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict) or raw.get("name") not in known:
-        name = raw.get("name") if isinstance(raw, dict) else raw
-        raise SweepError(f"{where}: key '{key}': unknown {key} {name!r} (known: {', '.join(known)})")
-    return dict(raw)
+def _plain_choices(choices: Sequence[Any]) -> List[Any]:
+    return [list(c) if isinstance(c, tuple) else c for c in choices]
 
 
 def _param(key: Any, raw: Any, where: str) -> ParamSpec:
-    at = f"{where}: key 'space.{key}'"
-    if not isinstance(key, str) or not re.match(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$", key):
-        raise SweepError(f"{at}: not a detectron2 config key (e.g. MODEL.MAPS.NUM_RETRIEVED)")
-    if key in _FORBIDDEN_KEYS:
-        raise SweepError(f"{at}: {key} cannot be searched (use the sweep's 'iterations' or its seed)")
+    at = f"space.{key}"
     if not isinstance(raw, dict):
-        raise SweepError(f"{at}: expected {{type: int|float|categorical, ...}}, got {raw!r}")
+        raise SweepError(f"{where}: key '{at}': expected {{type: int|float|categorical, ...}}, got {raw!r}")
     kind = raw.get("type")
-    if kind not in PARAM_TYPES:
-        raise SweepError(f"{at}: unknown type {kind!r} (known: {', '.join(PARAM_TYPES)})")
-    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "step", "log"}
-    extra = sorted(set(raw) - allowed)
-    if extra:
-        raise SweepError(f"{at}: unknown field '{extra[0]}' for type {kind} (allowed: {', '.join(sorted(allowed))})")
-    if kind == "categorical":
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise SweepError(f"{at}: empty range: 'choices' must be a non-empty list")
-        frozen = tuple(tuple(c) if isinstance(c, list) else c for c in choices)
-        if len(set(map(repr, frozen))) != len(frozen):
-            raise SweepError(f"{at}: repeated value in 'choices' {choices}")
-        return ParamSpec(key, kind, choices=frozen)
-    low, high, step, log = raw.get("low"), raw.get("high"), raw.get("step"), bool(raw.get("log", False))
-    for name, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise SweepError(f"{at}: '{name}' must be a number, got {v!r}")
-        if kind == "int" and int(v) != v:
-            raise SweepError(f"{at}: '{name}' must be an integer for type int, got {v!r}")
-    if not low < high:
-        raise SweepError(f"{at}: empty range: low {low!r} must be < high {high!r}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
-                             or step > high - low):
-        raise SweepError(f"{at}: 'step' must be a number in (0, high - low], got {step!r}")
-    if log and (low <= 0 or step not in (None, 1)):
-        raise SweepError(f"{at}: 'log' needs low > 0 and no step")
-    return ParamSpec(key, kind, low=low, high=high, step=step, log=log)
+    if kind in PARAM_TYPES:
+        allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "step", "log"}
+        extra = sorted(set(raw) - allowed)
+        if extra:
+            raise SweepError(f"{where}: key '{at}': unknown field '{extra[0]}' for type {kind} "
+                             f"(allowed: {', '.join(sorted(allowed))})")
+    try:
+        return ParamSpec(key=key, **raw)
+    except ValidationError as e:
+        raise SweepError(schema_error_message(e, where, None, prefix=at + ".")) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +406,25 @@ def _sweep_memory(spec: SweepSpec, registry: Any, base: Any) -> Optional[Dict[st
     train the model, such as the toy objectives of the tests)."""
     if spec.task != DEFAULT_TASK or not base.MODEL.MAPS.ENABLED:
         return None
-    return _experiment(spec, registry).memory_spec()
+    return _experiment(spec, registry).memory_spec(base)
+
+
+def trials_base(spec: SweepSpec, registry: Any = None,
+                allow_random_weights: bool = False) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """What every trial starts from: :func:`base_config` with its pretrained files resolved,
+    and the memory spec the trials share (None without memory).
+
+    The driver and each worker call it alike, so they agree on the memory's place. A model
+    trained by the study needs its pretrained files in the weights cache
+    (:class:`maps.weights.runs.MissingWeights` otherwise) unless ``allow_random_weights``.
+    """
+    cfg = base_config(spec, registry)
+    if spec.task == DEFAULT_TASK:
+        from maps.weights.runs import require_weights, resolve_config_weights
+
+        require_weights(cfg, allow_random=allow_random_weights)
+        cfg = resolve_config_weights(cfg, allow_random=allow_random_weights)
+    return cfg, _sweep_memory(spec, registry, cfg)
 
 
 def base_config(spec: SweepSpec, registry: Any = None, seed: Optional[int] = None) -> Any:

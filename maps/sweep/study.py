@@ -4,9 +4,9 @@ liveness of its trials (heartbeats, dead workers' trials marked failed)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -40,11 +40,72 @@ def default_storage_url(runs_root: os.PathLike, name: str) -> str:
     return f"journal:{(study_dir(runs_root, name) / 'journal.log').absolute()}"
 
 
+#: where a worker finds a storage URL that carries a password (never in its pickled job)
+STORAGE_ENV = "MAPS_OPTUNA_STORAGE"
+
+# scheme://user:PASSWORD@host...: up to the last "@" (an unencoded "@" in a password is
+# common), so an odd URL is masked too much rather than too little
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:@/?#]*:)(?P<pw>.*)@(?P<tail>[^@]*)$")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)(?P<pw>[^&#]*)")
+
+
+def mask_url(url: str) -> str:
+    """``url`` as it may be shown or stored: ``postgresql://user:***@host/db`` (a password in a
+    ``password=`` query parameter is masked too). A journal path comes back unchanged.
+
+    Not sqlalchemy's ``render_as_string(hide_password=True)``: its parser ends the password
+    at the first "@", so ``user:p@ss@host`` would be shown as ``user:***@ss@host``.
+    """
+    m = _URL_PASSWORD.match(url)
+    if m:
+        url = f"{m['head']}***@{m['tail']}"
+    return _QUERY_SECRET.sub(lambda q: q["key"] + "***", url)
+
+
+def url_secrets(url: str) -> List[str]:
+    """The passwords ``url`` carries (as written and percent-decoded), longest first."""
+    from urllib.parse import unquote
+
+    found = []
+    m = _URL_PASSWORD.match(url)
+    if m:
+        found.append(m["pw"])
+    found += [q["pw"] for q in _QUERY_SECRET.finditer(url)]
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message, a log line) with ``url`` masked and its passwords replaced by
+    ``***``. Passwords shorter than 4 characters are left in free text: replacing every "a"
+    of a message would make it unreadable, and such a password protects nothing."""
+    text = text.replace(url, mask_url(url))
+    for secret in url_secrets(url):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def worker_storage_url(shown: str) -> str:
+    """The real storage URL of a worker given the masked one: unchanged when it carries no
+    password, else ``$MAPS_OPTUNA_STORAGE`` (inherited from the driver: submitit's local jobs
+    copy the environment, and sbatch exports it unless a profile says ``--export=NONE``)."""
+    if "***" not in shown:
+        return shown
+    real = os.environ.get(STORAGE_ENV, "")
+    if real and mask_url(real) == shown:
+        return real
+    raise SweepError(f"--storage {shown}: the password is not in this worker's environment "
+                     f"({STORAGE_ENV} is {'another URL' if real else 'unset'}); a Slurm profile "
+                     f"must export the environment (sbatch's default, --export=ALL)")
+
+
 def make_storage(url: str) -> "optuna.storages.BaseStorage":
     """``journal:PATH`` (or a plain path) -> JournalStorage on a file; an RDB URL -> RDBStorage.
 
     SQLite is accepted only for a local file and with a warning: on a network filesystem its
-    locking corrupts or hangs (optuna's own advice; see the shared notes).
+    locking corrupts or hangs (optuna's own advice; see the shared notes). Errors and logs show
+    the URL with its password masked (:func:`mask_url`).
     """
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -55,15 +116,24 @@ def make_storage(url: str) -> "optuna.storages.BaseStorage":
             raise SweepError(f"--storage {url}: is a directory, expected a journal file path")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    shown = mask_url(url)
     if url.startswith("sqlite:"):
         logger.warning("SQLite storage %s: safe only on a local disk with one machine; use the "
-                       "journal file (the default) on a shared filesystem", url)
+                       "journal file (the default) on a shared filesystem", shown)
     try:
         return RDBStorage(url)
     except (ImportError, ModuleNotFoundError) as e:
-        raise SweepError(f"--storage {url}: the database driver is not installed ({e})") from None
+        raise SweepError(f"--storage {shown}: the database driver is not installed "
+                         f"({scrub(_first_line(e), url)})") from None
     except Exception as e:  # sqlalchemy's errors: bad URL, unreachable server
-        raise SweepError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+        raise SweepError(f"--storage {shown}: cannot open ({type(e).__name__}: "
+                         f"{scrub(_first_line(e), url)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error (sqlalchemy's end with a paragraph of links)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _sampler(spec: SweepSpec, stream: int = 0) -> "optuna.samplers.BaseSampler":
@@ -151,16 +221,13 @@ def _started(study: "optuna.Study") -> int:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """flock on a shared file: ask-and-count must be one step across workers, or a study of
-    N trials gets N + (workers - 1)."""
+    """flock on a shared file (filelock's ``UnixFileLock``; the file stays): ask-and-count must
+    be one step across workers, or a study of N trials gets N + (workers - 1)."""
+    from filelock import UnixFileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with UnixFileLock(path, mode=0o644, preserve_lock_file=True):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # optuna and detectron2 are heavy: keep them out of `maps --h
 
 logger = logging.getLogger(__name__)
 
-from maps.sweep.spec import SweepSpec, _sweep_memory, base_config, parse_sweep, trial_config
-from maps.sweep.study import _Heartbeat, _file_lock, _heartbeat_path, _mark_run, _started, fail_stale_trials, open_study, study_dir, trial_experiment
+from maps.sweep.spec import SweepSpec, parse_sweep, trial_config, trials_base
+from maps.sweep.study import _Heartbeat, _file_lock, _heartbeat_path, _mark_run, _started, fail_stale_trials, open_study, study_dir, trial_experiment, worker_storage_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,12 +57,16 @@ class SweepWorker:
     """One worker of a study: ask, train, tell, until the study has ``target`` trials.
 
     A plain picklable callable (a Slurm or local job imports it in a fresh interpreter): it
-    carries the sweep as a mapping, the storage URL and the run store's root.
+    carries the sweep as a mapping, the storage URL and the run store's root. The URL is
+    pickled as shown to users, its password masked; the worker takes the real one from
+    ``$MAPS_OPTUNA_STORAGE`` (:func:`~maps.sweep.study.worker_storage_url`).
     """
 
     def __init__(self, spec: Mapping[str, Any], storage_url: str, runs_root: str, target: int,
-                 worker: int = 0, experiments_root: Optional[str] = None) -> None:
+                 worker: int = 0, experiments_root: Optional[str] = None,
+                 allow_random_weights: bool = False) -> None:
         self.spec = dict(spec)
+        self.allow_random_weights = bool(allow_random_weights)
         self.storage_url = storage_url
         self.runs_root = str(runs_root)
         self.target = int(target)
@@ -78,15 +82,15 @@ class SweepWorker:
 
         spec = parse_sweep(self.spec)
         registry = load_registry(self.experiments_root, validate=False)
-        base = base_config(spec, registry)
-        memory = _sweep_memory(spec, registry, base)
+        base, memory = trials_base(spec, registry, getattr(self, "allow_random_weights", False))
         if memory is not None:
-            # built by the driver before any worker started (run_sweep)
+            # built before any worker started (run_sweep: a job the workers depend on)
             from maps.memory.prepare import apply_memory, memory_dir
 
             apply_memory(base, memory_dir(memory, self.runs_root))
         # its own random stream: per worker, and per invocation (the target differs)
-        study = open_study(spec, self.storage_url, stream=1 + self.worker + 1009 * self.target)
+        study = open_study(spec, worker_storage_url(self.storage_url),
+                           stream=1 + self.worker + 1009 * self.target)
         sdir = study_dir(self.runs_root, spec.name)
         task = resolve_task(spec.task)
         done: List[int] = []

@@ -1,7 +1,10 @@
 """The package's one-way flow, as the README's Architecture section draws it.
 
 commands -> (demo, sweep, report) -> launch -> registry -> engine -> modeling -> memory -> data,
-with evaluation under engine and the leaf modules (config, io, errors, weights) under all.
+with evaluation under engine and the leaf modules (config, io, errors, the weights cache) under
+all. The weights package spans two levels: its cache and file readers are leaves (the encoders
+and the checkpointer resolve names through them); what loads files into maps' architectures
+(``weights.verify``) and what a run needs (``weights.runs``) sit just under the engine.
 Every import counts, those inside functions too: a lazy import back up the chain is still an
 arrow back up, and it is how import circles start.
 """
@@ -20,6 +23,7 @@ LAYERS = {
     "launch": 7,
     "registry": 6,
     "engine": 5,
+    "weights.verify": 4.5, "weights.runs": 4.5,
     "evaluation": 4,
     "modeling": 3,
     "memory": 2,
@@ -29,8 +33,11 @@ LAYERS = {
 
 
 def _unit(module: str) -> str:
-    """``maps.launch.plan`` -> ``launch``; ``maps.io`` -> ``io``."""
+    """``maps.launch.plan`` -> ``launch``; ``maps.io`` -> ``io``; ``maps.weights.runs`` ->
+    ``weights.runs`` (a sub-level of its own)."""
     parts = module.split(".")
+    if len(parts) > 2 and ".".join(parts[1:3]) in LAYERS:
+        return ".".join(parts[1:3])
     return parts[1] if len(parts) > 1 else "__init__"
 
 

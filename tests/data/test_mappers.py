@@ -215,3 +215,34 @@ def test_ade20k_style_recipe_crop_and_colour_jitter(dicts):
         assert masks.shape[1:] == (64, 64) and masks.sum(0).max() <= 1
         assert not masks[:, 40:, :].any() and not masks[:, :, 40:].any()
         assert masks.flatten(1).any(1).all()
+
+
+def test_decoded_cache_gives_the_same_samples_as_reading_from_disk(dicts):
+    """A second epoch from the cache equals a mapper reading every file each time (same
+    augmentation draws), and changing a returned sample does not change the next epoch."""
+    from maps.data.mappers import DecodedCache
+
+    cfg = _cfg("coco_panoptic_lsj", IMAGE_SIZE=64, MIN_SCALE=0.5, MAX_SCALE=1.5)
+    cached = PanopticDatasetMapper(cfg, is_train=True)
+    plain = PanopticDatasetMapper(cfg, is_train=True, cache_bytes=0)
+    assert isinstance(cached.cache, DecodedCache) and not plain.cache.enabled
+    for epoch in range(2):
+        for i, d in enumerate(dicts):
+            np.random.seed(100 * epoch + i)
+            a = cached(d)
+            np.random.seed(100 * epoch + i)
+            b = plain(d)
+            assert torch.equal(a["image"], b["image"])
+            assert torch.equal(a["instances"].gt_masks, b["instances"].gt_masks)
+            assert torch.equal(a["instances"].gt_classes, b["instances"].gt_classes)
+            a["image"].zero_()  # must not reach the cache
+    assert len(cached.cache) == len(dicts) and len(plain.cache) == 0
+
+
+def test_decoded_cache_turns_off_when_the_dataset_does_not_fit(dicts):
+    mapper = _identity_mapper(cache_bytes=64 * 64 * (3 + 4) + 100)  # one RGB image + int32 ids
+    first = mapper(dicts[0])
+    assert len(mapper.cache) == 1
+    mapper(dicts[1])  # overflows: emptied and off
+    assert len(mapper.cache) == 0 and not mapper.cache.enabled
+    assert torch.equal(mapper(dicts[0])["image"], first["image"])

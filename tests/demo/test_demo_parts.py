@@ -5,9 +5,12 @@ import os
 import pytest
 
 from maps.demo import (DEMO_EXPERIMENTS, QUICK, DemoSize, configure_environment, demo_registry,
-                       drop_stale_products, ensure_dataset, memory_spec, resized_experiment,
+                       drop_stale_products, ensure_dataset, memory_spec, refuse_unjudgeable,
+                       resized_experiment,
                        run_specs, same_scene_rate, scenes_of)
+from maps.data.synthetic import dataset_fingerprint
 from maps.errors import DatasetError
+from maps.io import NotMadeByMapsError, make_dir
 from maps.registry import load_registry
 
 
@@ -66,23 +69,58 @@ def test_ensure_dataset_generates_then_reuses_then_regenerates_on_new_sizes(tmp_
 
 
 def test_dataset_of_an_older_format_is_redrawn_and_what_was_built_from_it_dropped(tmp_path):
+    """Stale products are found by the dataset fingerprint their markers recorded; only the
+    demo's own folders are judged, and nothing else under the runs root is touched."""
     size = DemoSize(train_images=3, val_images=2, iterations=2)
     root, _ = ensure_dataset(tmp_path / "datasets/synthetic", size, progress=False)
+    old = "fingerprint-of-v1"  # what products of the version-1 dataset recorded
     manifest = json.loads((root / "maps_synthetic.json").read_text())
     (root / "maps_synthetic.json").write_text(json.dumps({**manifest, "version": 1}))
-    stale = [tmp_path / "_memory/bank/manifest.json", tmp_path / "synthetic/main/maps/seed0/final.json"]
-    for path in stale:
-        path.parent.mkdir(parents=True)
-        path.write_text("{}")
+    memory, run, other = tmp_path / "_memory/m", tmp_path / "synthetic/main/maps/seed0", tmp_path / "synthetic/x/seed0"
+    for folder, kind in ((memory, "memory"), (run, "run"), (other, "run")):
+        make_dir(folder, kind, dataset_fingerprint=old)
+        (folder / "final.json").write_text("{}")
     keep = tmp_path / "notes.txt"
     keep.write_text("mine")
     root, made = ensure_dataset(root, size, progress=False)
     assert made and json.loads((root / "maps_synthetic.json").read_text())["version"] == manifest["version"]
+    new = dataset_fingerprint(root)
+    current = tmp_path / "synthetic/main/maps/seed1"
+    make_dir(current, "run", dataset_fingerprint=new)
     said = []
-    drop_stale_products(tmp_path, said.append)
-    assert not (tmp_path / "_memory").exists() and not (tmp_path / "synthetic").exists()
+    removed = drop_stale_products([(memory, "memory"), (run, "run"), (current, "run")], new, said.append)
+    assert removed == [memory, run] and not memory.exists() and not run.exists()
+    assert current.is_dir() and (other / "final.json").is_file()  # not the demo's: not judged
     assert keep.read_text() == "mine" and (root / "maps_synthetic.json").is_file()
     assert len(said) == 2 and all("the dataset changed: removing" in line for line in said)
+
+
+def test_products_without_a_fingerprint_are_kept_and_refused_when_the_dataset_changed(tmp_path):
+    unmarked = tmp_path / "synthetic/main/maps/seed0"
+    unmarked.mkdir(parents=True)
+    (unmarked / "final.json").write_text("{}")
+    assert drop_stale_products([(unmarked, "run")], "f1", say=print) == []
+    with pytest.raises(NotMadeByMapsError, match=r"seed0 may be built from the previous dataset, but has "
+                                                 r"no maps marker .*not deleting it"):
+        refuse_unjudgeable([(unmarked, "run")])
+    assert (unmarked / "final.json").is_file()
+    # the demo asks before it replaces the dataset: refused, the old dataset stays as it was
+    size = DemoSize(train_images=3, val_images=2, iterations=2)
+    root, _ = ensure_dataset(tmp_path / "datasets/synthetic", size, progress=False)
+    before = (root / "maps_synthetic.json").read_text()
+    with pytest.raises(NotMadeByMapsError):
+        ensure_dataset(root, DemoSize(4, 2, 2), progress=False,
+                       before_regenerating=lambda: refuse_unjudgeable([(unmarked, "run")]))
+    assert (root / "maps_synthetic.json").read_text() == before
+
+
+def test_existing_unmarked_dataset_is_not_overwritten(tmp_path):
+    users = tmp_path / "datasets/synthetic"
+    users.mkdir(parents=True)
+    (users / "panoptic_train.json").write_text("{}")
+    with pytest.raises(DatasetError, match="has no maps dataset marker"):
+        ensure_dataset(users, DemoSize(3, 2, 2), progress=False)
+    assert (users / "panoptic_train.json").read_text() == "{}"
 
 
 def test_configure_environment_sets_one_thread_and_offline_wandb(tmp_path, monkeypatch):

@@ -45,11 +45,14 @@ def _cfg(**solver):
 
 
 def _by_param(model, groups):
+    """Parameter name -> (lr, weight decay) of its group (one group per parameter from
+    param_groups, several per group in the optimizer, which merges equal groups)."""
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for g in groups:
-        (p,) = g["params"]
-        out[names[id(p)]] = (g["lr"], g["weight_decay"])
+        for p in g["params"]:
+            assert names[id(p)] not in out, f"{names[id(p)]} in two groups"
+            out[names[id(p)]] = (g["lr"], g["weight_decay"])
     return out
 
 
@@ -109,7 +112,7 @@ def test_full_model_clipping_scales_the_global_norm():
     # (detectron2's per-group "norm" clipping would give (1, 0) and (0, 1) instead.)
     model = _two_param_model([3.0, 0.0], [0.0, 4.0])
     opt = build_optimizer(_sgd_clip_cfg(), model)
-    assert len(opt.param_groups) == 2
+    assert len(opt.param_groups) == 1  # equal hyperparameters: merged into one group
     opt.step()
     torch.testing.assert_close(model.a.detach(), torch.tensor([-0.6, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(model.b.detach(), torch.tensor([0.0, -0.8]), atol=1e-5, rtol=0)
@@ -198,3 +201,39 @@ def test_schedule_keeps_the_group_multipliers():
     assert lrs["head.proj.weight"] == pytest.approx(0.1 * factor)
     assert lrs["backbone.0.weight"] == pytest.approx(0.01 * factor)
     assert lrs["head.memory_fusion.weight"] == pytest.approx(0.2 * factor)
+
+
+def test_merged_groups_update_the_tiny_model_bit_for_bit_as_per_parameter_groups():
+    """The optimizer merges param_groups' one-parameter groups that share hyperparameters
+    (a multi-tensor update per group); the weights after some AdamW steps with full-model
+    clipping are exactly those of one group per parameter, as Mask2Former builds it."""
+    import copy
+    import itertools
+
+    from maps.engine.optim import merge_equal_groups
+    from maps.modeling.build import build_model, load_config
+
+    cfg = load_config("experiments/configs/synthetic/maps_tiny.yaml", freeze=False)
+    torch.manual_seed(0)
+    merged_model = build_model(cfg)
+    plain_model = copy.deepcopy(merged_model)
+    merged = build_optimizer(cfg, merged_model)
+    groups = param_groups(cfg, plain_model)
+    assert len(merged.param_groups) == len(merge_equal_groups(groups)) < len(groups)
+
+    class PerParameter(torch.optim.AdamW):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
+            return super().step(closure)
+
+    plain = PerParameter(groups, cfg.SOLVER.BASE_LR, foreach=False)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(merged_model.parameters(), plain_model.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        merged.step()
+        plain.step()
+    for (name, a), b in zip(merged_model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(a, b), name

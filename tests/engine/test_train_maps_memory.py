@@ -102,7 +102,7 @@ def test_maps_trains_from_a_bank_built_here(memory, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override, words", [
     (("MODEL.MAPS.MEMORY.SEED", "1"), "built with key encoder"),
-    (("MODEL.MAPS.MEMORY.KEY_ARCH", "ViT-B-16"), "built with key encoder"),
+    (("MODEL.MAPS.MEMORY.KEY_ARCH", "ViT-Tiny-32"), "built with key encoder"),
     (("MODEL.MAPS.MEMORY.DENSE", "maskclip"), "MODEL.MAPS.MEMORY.DENSE"),
 ])
 def test_bank_of_another_encoder_is_refused_before_training(memory, tmp_path, override, words):

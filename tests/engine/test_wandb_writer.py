@@ -2,14 +2,20 @@
 offline run's record log (``run-<id>.wandb``), the file ``wandb sync`` would upload."""
 import json
 import logging
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from detectron2.utils.events import EventStorage
 
-from maps.engine.wandb_writer import WandbWriter, has_wandb_credentials, resolve_mode
+from maps.engine.wandb_writer import REACH_TIMEOUT_S, WandbWriter, has_wandb_credentials, resolve_mode
 
 _BLOCK = 32 * 1024
 _HEADER = 7  # file: ":W&B" + magic + version; record: crc32, length, type
@@ -164,6 +170,8 @@ def test_online_without_a_key_degrades_to_offline_with_one_warning(run_dir, monk
 def test_failed_init_is_one_warning_and_a_no_op(run_dir, monkeypatch, caplog):
     import wandb
 
+    real_init = wandb.init
+
     def broken_init(**kwargs):
         raise wandb.errors.CommError("network is unreachable")
 
@@ -175,7 +183,13 @@ def test_failed_init_is_one_warning_and_a_no_op(run_dir, monkeypatch, caplog):
     w.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "W&B init failed (CommError: network is unreachable)" in warnings[0]
-    assert not (run_dir / "wandb.json").exists()
+    # the id was on disk before init was tried: the next attempt resumes the same run
+    run_id = json.loads((run_dir / "wandb.json").read_text())["id"]
+    monkeypatch.setattr(wandb, "init", real_init)
+    again = WandbWriter(run_dir, {})
+    assert again.active and again.run_id == run_id
+    again.close()
+    assert [r.run_id for r in run_records(run_dir)] == [run_id]
 
 
 def test_a_run_that_raises_on_log_degrades_once(run_dir, caplog):
@@ -231,3 +245,205 @@ def test_default_tags_and_name_come_from_the_run_record(tmp_path, monkeypatch):
     assert tags[:3] == ["table:6", "exp:synthetic/table6/clip-cls", "seed:2"]
     assert all(t.startswith("git:") for t in tags[3:]) and len(tags) <= 4
     assert run.display_name == "synthetic/table6/clip-cls/seed2"
+
+
+# -- an unreachable server, and resuming after a kill ---------------------------------------------
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port  # nothing listens there now: a connection is refused at once
+
+
+@pytest.fixture
+def online(run_dir, monkeypatch):
+    """What a user with an API key has: W&B online (the key is fake, the server on loopback)."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    return run_dir
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback socket that accepts connections (the kernel's backlog) and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+@pytest.fixture
+def hanging_api():
+    """An HTTP server on loopback that answers GET (reachable) but never answers W&B's API
+    calls (POST), so ``wandb.init`` itself times out; each hang ends after 30 s at most."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    stop = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def do_POST(self):
+            stop.wait(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "maps.engine.wandb_writer"]
+
+
+def test_refused_connection_logs_offline_at_once_under_the_recorded_id(online, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    start = time.monotonic()
+    w = WandbWriter(online, {})
+    assert time.monotonic() - start < REACH_TIMEOUT_S
+    assert w.mode == "offline" and w.active
+    train(w, 3)
+    w.close()
+    (warning,) = _warnings(caplog)
+    assert "is unreachable" in warning.getMessage() and "logging offline" in warning.getMessage()
+    record = json.loads((online / "wandb.json").read_text())
+    assert record["mode"] == "offline" and record["id"] == w.run_id
+    assert [r.run_id for r in run_records(online)] == [w.run_id]
+    assert sorted(logged_steps(online)) == [2]
+
+
+def test_silent_server_costs_at_most_5_s_and_every_attempt_resumes_one_run(online, monkeypatch, caplog,
+                                                                           silent_server):
+    assert REACH_TIMEOUT_S <= 5
+    monkeypatch.setenv("WANDB_BASE_URL", silent_server)
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    start = time.time()
+    first = WandbWriter(online, {})
+    (warning,) = _warnings(caplog)
+    assert warning.created - start < REACH_TIMEOUT_S + 1.0  # the decision, not the offline init
+    assert "no answer within 5 s" in warning.getMessage()
+    assert first.mode == "offline" and first.active
+    train(first, 10)                  # logs 2, 5, 8, 9
+    first.close()
+    time.sleep(1.05 - time.time() % 1)  # offline run directories are named to the second
+    # the requeued attempt: the server now refuses at once; same run, history goes on
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    second = WandbWriter(online, {})
+    assert second.run_id == first.run_id and second.mode == "offline"
+    train(second, 14, start=6)
+    second.close()
+    assert [r.run_id for r in run_records(online)] == [first.run_id] * 2
+    assert history_steps(online) == [2, 5, 8, 9, 11, 13]
+
+
+def test_online_init_that_times_out_falls_back_offline_under_the_same_id(online, monkeypatch, caplog,
+                                                                         hanging_api):
+    monkeypatch.setenv("WANDB_BASE_URL", hanging_api)
+    caplog.set_level(logging.WARNING, logger="maps.engine.wandb_writer")
+    w = WandbWriter(online, {}, init_timeout_s=2)
+    assert w.mode == "offline" and w.active
+    (warning,) = _warnings(caplog)
+    assert "W&B online init failed" in warning.getMessage() and w.run_id in warning.getMessage()
+    train(w, 3)
+    w.close()
+    assert [r.run_id for r in run_records(online)] == [w.run_id]
+    assert json.loads((online / "wandb.json").read_text())["id"] == w.run_id
+    assert "f" * 40 not in (online / "wandb.json").read_text()
+
+
+_KILLED_RUN = r"""
+import sys
+from detectron2.utils.events import EventStorage
+from maps.engine.wandb_writer import WandbWriter
+
+def train(writer, iters, start):
+    with EventStorage(start) as storage:
+        for it in range(start, iters):
+            storage.iter = it
+            storage.put_scalar("loss", 1.0 / (it + 1), smoothing_hint=False)
+            if (it + 1) % 3 == 0 or it == iters - 1:
+                writer.write()
+
+w = WandbWriter(sys.argv[1], {})
+train(w, 12, 0)                 # 2, 5, 8 stored by W&B; 11 is still an open history row
+print(w.run_id, flush=True)
+sys.stdin.readline()            # meanwhile the test freezes W&B's process
+train(w, 20, 12)                # 14, 17, 19: logged, never stored
+print("logged", flush=True)
+sys.stdin.readline()            # killed here
+"""
+
+
+def _children(pid):
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _history(path):
+    return [r.history.step.num for r in _read_record_file(path) if r.WhichOneof("record_type") == "history"]
+
+
+def test_a_killed_run_resumes_without_gap_or_duplicate(run_dir):
+    """W&B's process of a killed job had not stored its last steps: the record must not claim
+    them (issue 16 item 10: resuming past them left holes in the history)."""
+    # its own W&B process (WANDB_SERVICE would hand it this test process's one)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        run_id = proc.stdout.readline().strip()
+        assert run_id, "the training process did not start"
+        (first,) = run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+        deadline = time.monotonic() + 30
+        while _history(first) != [2, 5, 8]:
+            assert time.monotonic() < deadline, _history(first)
+            time.sleep(0.1)
+        cores = _children(proc.pid)
+        assert cores, "no wandb-core process"
+        for pid in cores:
+            os.kill(pid, signal.SIGSTOP)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "logged"
+        for pid in cores:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert _history(first) == [2, 5, 8]
+    # the record claims no step that W&B did not store (the old writer said 19)
+    assert json.loads((run_dir / "wandb.json").read_text())["last_step"] <= 8
+    time.sleep(1.05 - time.time() % 1)
+    # detectron2 resumes from its checkpoint at iteration 5
+    second = WandbWriter(run_dir, {})
+    assert second.run_id == run_id
+    train(second, 22, start=6)
+    second.close()
+    later = [p for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) if p != first]
+    assert len(later) == 1
+    deadline = time.monotonic() + 30
+    while [r.WhichOneof("record_type") for r in _read_record_file(later[0])][-1:] != ["exit"]:
+        assert time.monotonic() < deadline, "W&B never finished the second attempt's file"
+        time.sleep(0.1)
+    # every write period once: 11 (logged but never stored) is logged again, 8 is not
+    assert _history(first) + _history(later[0]) == [2, 5, 8, 11, 14, 17, 20, 21]
+    assert json.loads((run_dir / "wandb.json").read_text())["last_step"] == 21

@@ -60,3 +60,18 @@ def snapshot(root: Path) -> Dict[str, str]:
         if p.is_file():
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+@pytest.fixture(scope="session")
+def bank(datasets_root, tmp_path_factory) -> Path:
+    """A CLIP-grid bank (ViT-Tiny-16, random init) of the tiny dataset, with neighbour caches."""
+    root = tmp_path_factory.mktemp("bankcase")
+    env = maps_env(datasets_root)
+    done = run_maps(["memory", "build", "--dataset", "synthetic_train", "--out", str(root / "bank"),
+                     "--arch", "ViT-Tiny-16", "--dense", "clip"], env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for split in ("synthetic_train", "synthetic_val"):
+        done = run_maps(["memory", "neighbors", "--bank", str(root / "bank"), "--dataset", split,
+                         "--out", str(root / "neighbors" / f"{split}.jsonl"), "--k", "5"], env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root / "bank"

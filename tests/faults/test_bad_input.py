@@ -3,41 +3,23 @@
 Each case prepares a workspace (a copy of a good thing, broken in one way), runs ``maps`` in a
 subprocess and checks: exit status non-zero; stderr holds exactly one ``error: ...`` line (or
 click's usage error) that names the file, key or value at fault; no ``Traceback``; every file
-that existed before is byte-identical after. Cases that need no detectron2 import run by
-default; those that do (datasets, banks, training) are ``slow``.
+that existed before is byte-identical after, and nothing new appeared (the harness of
+:mod:`tests.faults.bad_inputs.harness`, shared with the cases of that package). Cases that need
+no detectron2 import run by default; those that do (datasets, banks, training) are ``slow``.
 
 The table of docs/faults.md is this file's CASES, with the messages the command printed.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
 
 import pytest
 
-from .conftest import REPO, TINY_CONFIG, maps_env, run_maps, snapshot
-
-# fvcore (imported by detectron2.layers) calls torch.jit.script at import; torch 2.14 warns on
-# stderr. Reported to the lead (a warnings filter in maps/cli.py); until then these two lines
-# are the only stderr lines allowed besides the error.
-KNOWN_IMPORT_WARNING = re.compile(r"FutureWarning: `torch\.jit\.script` is deprecated|^\s+warnings\.warn\($")
-PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm on stderr, before the failure
-# an encoder without weights says so once (issue 4), before a bank check can refuse the bank
-RANDOM_INIT_NOTICE = re.compile(r"no weights file given, random initialisation from seed")
-
-
-@dataclass
-class Case:
-    name: str
-    setup: Callable[[Path], List[str]]  # prepares the workspace, returns the maps arguments
-    expect: str  # a substring of the error: the file, key or value at fault
-    slow: bool = False
-
+from .bad_inputs.harness import Case, check_refused, params
+from .conftest import REPO, TINY_CONFIG, maps_env
 
 # -- registry and sweep spaces ------------------------------------------------------------------
 def _registry(ws: Path, edit: Callable[[str], str], extra: str = "") -> Path:
@@ -245,8 +227,9 @@ CASES: List[Case] = [
     Case("CLI value out of range (--k 0)", cli_neighbors_k_zero, "'--k': 0"),
     Case("CLI value not a choice (--executor)", cli_unknown_executor, "'kubernetes'"),
     Case("cluster profile with an unknown key", profile_unknown_key, "unknown key 'partitionz'"),
+    # the launcher's claim (flock) leaves its lock file in the existing run folder
     Case("run directory of another experiment", run_dir_of_another_experiment,
-         "belongs to experiment 'synthetic/main/mask2former'"),
+         "belongs to experiment 'synthetic/main/mask2former'", outputs=["runs/synthetic/main/maps/seed0/.launch.lock"]),
     Case("corrupt status.json", corrupt_status_json, "status.json: not valid JSON"),
     Case("sweep space with low > high", sweep_low_above_high, "MODEL.MAPS.NUM_RETRIEVED"),
     Case("sweep space with an unknown type", sweep_unknown_param_type, "floaty"),
@@ -269,62 +252,23 @@ BANK_CASES: List[Case] = [
     Case("bank built with another encoder", bank_of_another_encoder, "MODEL.MAPS.MEMORY.DENSE is 'tiledclip'"),
 ]
 
-
-@pytest.fixture(scope="module")
-def bank(datasets_root, tmp_path_factory) -> Path:
-    """A CLIP-grid bank (ViT-Tiny-16, random init) of the tiny dataset, with neighbour caches."""
-    root = tmp_path_factory.mktemp("bankcase")
-    env = maps_env(datasets_root)
-    done = run_maps(["memory", "build", "--dataset", "synthetic_train", "--out", str(root / "bank"),
-                     "--arch", "ViT-Tiny-16", "--dense", "clip"], env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for split in ("synthetic_train", "synthetic_val"):
-        done = run_maps(["memory", "neighbors", "--bank", str(root / "bank"), "--dataset", split,
-                         "--out", str(root / "neighbors" / f"{split}.jsonl"), "--k", "5"], env)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return root / "bank"
+for _case in DATA_CASES + BANK_CASES:  # these import detectron2 in the subprocess
+    _case.slow = True
 
 
-def check_refused(case: Case, args: List[str], ws: Path, env) -> str:
-    """Run ``maps args``; assert the refusal contract; return the error line (for the docs)."""
-    before = snapshot(ws)
-    done = run_maps(args, env, cwd=ws)
-    lines = [l for l in done.stderr.splitlines()
-             if l.strip() and not KNOWN_IMPORT_WARNING.search(l) and not PROGRESS_BAR.search(l)
-             and not RANDOM_INIT_NOTICE.search(l)]
-    assert done.returncode != 0, f"{case.name}: exit 0; stdout {done.stdout[-500:]}"
-    assert "Traceback" not in done.stderr, f"{case.name}: {done.stderr[-2000:]}"
-    if lines and lines[0].startswith("Usage:"):  # click's usage error: Usage / Try / Error
-        assert done.returncode == 2 and lines[-1].startswith("Error: "), lines
-        message = lines[-1]
-    else:
-        assert len(lines) == 1 and lines[0].startswith("error: "), f"{case.name}: stderr {lines}"
-        message = lines[0]
-    assert case.expect in message, f"{case.name}: {message!r} does not name {case.expect!r}"
-    after = snapshot(ws)
-    changed = [k for k, v in before.items() if after.get(k) != v]
-    assert not changed, f"{case.name}: files damaged: {changed}"
-    if os.environ.get("MAPS_FAULTS_LOG"):  # the table of docs/faults.md
-        with open(os.environ["MAPS_FAULTS_LOG"], "a") as f:
-            f.write(json.dumps({"input": case.name, "exit": done.returncode, "message": message}) + "\n")
-    return message
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", params(CASES))
 def test_registry_cli_and_store_refusals(case, tmp_path):
     args = case.setup(tmp_path)
     check_refused(case, args, tmp_path, maps_env())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", DATA_CASES, ids=[c.name for c in DATA_CASES])
+@pytest.mark.parametrize("case", params(DATA_CASES))
 def test_dataset_eval_and_train_refusals(case, tmp_path, datasets_root):
     args = case.setup(tmp_path, datasets_root)
     check_refused(case, args, tmp_path, maps_env(datasets_root))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", BANK_CASES, ids=[c.name for c in BANK_CASES])
+@pytest.mark.parametrize("case", params(BANK_CASES))
 def test_memory_bank_refusals(case, tmp_path, datasets_root, bank):
     args = case.setup(tmp_path, datasets_root, bank)
     check_refused(case, args, tmp_path, maps_env(datasets_root))

@@ -18,7 +18,7 @@ class ToyExperiment:
     seeds: Tuple[int, ...] = (0, 1)
     eval_of: Optional[str] = None
 
-    def memory_spec(self):
+    def memory_spec(self, cfg=None):
         return None
 
     @property
@@ -80,9 +80,10 @@ def test_bad_profile_is_one_line_exit_2(tmp_path, toy_registry):
     profile.write_text("partitoin: gpu\n")
     r = CliRunner().invoke(main, ["launch", "toy", "--profile", str(profile), "--runs-root", str(tmp_path)])
     assert r.exit_code == 2
-    assert r.output.strip() == f"error: {profile}: unknown key 'partitoin' (allowed: " + \
-        "account, additional_parameters, array_parallelism, constraint, cpus_per_task, gpus_per_node, " + \
-        "mem_gb, nodes, partition, qos, setup, tasks_per_node, timeout_min)"
+    assert r.output.strip() == f"error: {profile}: unknown key 'partitoin' (did you mean 'partition'?); " + \
+        "allowed: account, additional_parameters, array_parallelism, constraint, cpus_per_task, exclusive, " + \
+        "gpus_per_node, max_num_timeout, mem_gb, nodes, partition, qos, sbatch_args, seconds_per_iter, " + \
+        "setup, signal_delay_s, srun_args, tasks_per_node, timeout_min"
 
 
 def test_launch_without_a_registry_fails_clearly(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_failure_is_recorded_and_retried_only_when_asked(store):
     assert store.read_final(run) is None
 
     again = launch([toy(2)], "debug", store=store)
-    assert again.outcomes[0].action == "skipped" and "retry_failed" in again.outcomes[0].reason
+    assert again.outcomes[0].action == "skipped" and "--retry-failed" in again.outcomes[0].reason
     retried = launch([toy(2)], "debug", store=store, retry_failed=True)
     assert retried.outcomes[0].action == "submitted"
     status = store.read_status(run)
@@ -214,3 +214,28 @@ def test_distributed_env_outside_a_job_reads_torchrun_variables(monkeypatch):
     # one port per job, the same on every task of it
     assert _port_for("12_3") == _port_for("12_3") != _port_for("12_4")
     assert 20000 <= _port_for("12_3") < 50000
+
+
+def test_distributed_env_inside_a_job_comes_from_submitit(monkeypatch):
+    """submitit's TorchDistributedEnvironment (here a local job's variables): ranks from it,
+    loopback on one node, the first host on several, the port from the job id."""
+    from maps.launch.distributed import _port_for, distributed_env
+
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    job = dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="4",
+               SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0",
+               SUBMITIT_LOCAL_GLOBALID="3", SUBMITIT_LOCAL_LOCALID="3")
+    for k, v in job.items():
+        monkeypatch.setenv(k, v)
+    env = distributed_env()
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (3, 3, 4, 4)
+    assert (env.master_addr, env.master_port, env.job_id) == ("127.0.0.1", _port_for("77"), "77")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SUBMITIT_LOCAL_NODEID", "1")
+    monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "1")
+    env = distributed_env()
+    assert (env.node_rank, env.local_rank, env.local_world_size) == (1, 1, 2)
+    assert env.master_addr != "127.0.0.1"  # the job's first host
+    monkeypatch.setenv("MASTER_PORT", "4242")
+    assert distributed_env().master_port == 4242

@@ -139,3 +139,29 @@ def test_claim_is_exclusive_across_processes(store):
             assert holder.poll() is not None or time.monotonic() - t0 > 0.5
     finally:
         holder.wait(timeout=30)
+
+
+def test_claim_is_reentrant_in_a_thread_and_exclusive_across_threads(store):
+    """A nested claim of the same run (a signal handler's, say) holds at once; another thread
+    of the same process waits like another process would. The lock file stays."""
+    import threading
+
+    run = store.run_dir("exp", 0)
+    seen = {}
+
+    def other_thread():
+        with store.claim(run, timeout_s=0.2, required=False) as locked:
+            seen["other"] = locked
+
+    with store.claim(run) as outer:
+        with store.claim(run, timeout_s=0.1) as inner:
+            assert outer is True and inner is True
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert seen["other"] is False  # still held by this thread after the nested release
+    assert (run / ".launch.lock").is_file()
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen["other"] is True

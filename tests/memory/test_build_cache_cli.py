@@ -99,12 +99,13 @@ def test_neighbor_cache_round_trip_and_attacher(tiny_bank, tiny_dataset, tmp_pat
 
 def test_neighbor_cache_corrupt_line_is_named(tmp_path):
     p = tmp_path / "nn.jsonl"
-    p.write_text('{"image_id": 1, "neighbors": [2, 3], "scores": [0.9, 0.5]}\n'
+    header = '{"format": "maps-neighbors", "version": 1}\n'
+    p.write_text(header + '{"image_id": 1, "neighbors": [2, 3], "scores": [0.9, 0.5]}\n'
                  '{"image_id": 2, "neighbors": [1], "scores": [0.9]\n')
-    with pytest.raises(MemoryBankError, match=r"nn.jsonl:2: not valid JSON"):
+    with pytest.raises(MemoryBankError, match=r"nn.jsonl:3: not valid JSON"):
         NeighborCache(p)
-    p.write_text('{"image_id": 1, "neighbors": [1, 3], "scores": [0.9, 0.5]}\n')
-    with pytest.raises(MemoryBankError, match=r"nn.jsonl:1: .*lists itself"):
+    p.write_text(header + '{"image_id": 1, "neighbors": [1, 3], "scores": [0.9, 0.5]}\n')
+    with pytest.raises(MemoryBankError, match=r"nn.jsonl:2: .*lists itself"):
         NeighborCache(p)
 
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_meta_arch import (  # same folder (pytest prepends it to sys.path)
+    AUX_LOSSES,
+    _inputs,
+)
 
 import maps.data  # noqa: F401  (metadata of the training datasets)
 from maps.modeling import build_model, load_config
-
-from test_meta_arch import AUX_LOSSES, _inputs  # same folder (pytest prepends it to sys.path)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 pytestmark = pytest.mark.slow

@@ -352,3 +352,70 @@ def test_only_placed_memories_get_a_projection():
     fusion = MemoryFusion(tiny_cfg(OBJECT_LAYERS=[]))
     assert fusion.object_proj is None and fusion.scene_proj is not None
     assert sorted(fusion.layers, key=int) == ["0", "1", "2"]
+
+
+def test_memory_cross_attention_pre_norm_is_eq1_on_the_normalised_queries():
+    """PRE_NORM (Mask2Former's ``forward_pre``): LayerNorm on the queries before f_Q, the
+    residual added to the un-normalised queries, no LayerNorm after; memory is not normalised."""
+    torch.manual_seed(0)
+    layer = MemoryCrossAttention(4, 1, normalize_before=True)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 1, 4) * 3 + 1  # far from unit norm, so a missing or extra LN shows
+    pos = torch.randn(3, 1, 4)
+    mem = torch.randn(5, 1, 4) * 2
+    padding = torch.tensor([[False, False, False, True, True]])
+    out = layer(x, mem, padding, pos)
+
+    w_q, w_k, w_v = layer.multihead_attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = layer.multihead_attn.in_proj_bias.chunk(3)
+    normed = F.layer_norm(x[:, 0], (4,), layer.norm.weight, layer.norm.bias)
+    q = (normed + pos[:, 0]) @ w_q.T + b_q
+    k = mem[:3, 0] @ w_k.T + b_k
+    v = mem[:3, 0] @ w_v.T + b_v
+    attn = torch.softmax(q @ k.T / math.sqrt(4), dim=-1) @ v
+    update = attn @ layer.multihead_attn.out_proj.weight.T + layer.multihead_attn.out_proj.bias
+    expected = x[:, 0] + update
+    assert torch.allclose(out[:, 0], expected, atol=1e-5)
+    # the post-norm reading of the same layer is a different function
+    post = F.layer_norm(x[:, 0] + update, (4,), layer.norm.weight, layer.norm.bias)
+    assert not torch.allclose(out[:, 0], post, atol=1e-2)
+
+
+def test_input_masking_also_drops_the_appended_query_cls():
+    """MAPS-Aug-CLS with Input-Masking (docs/fidelity.md): "the cross-attention is randomly
+    masked once at the beginning of the forward pass" (section 4.5) and the image's own CLS
+    token is part of the scene memory (section 4.4), so an input-masked image attends to
+    nothing, its own CLS included: exactly Mask2Former's update for that image."""
+    mem = pool_memory(pool=5, query_cls=True)
+    x, mask_features = inputs()
+    fusion = build(tiny_cfg(APPEND_QUERY_CLS=True, INPUT_MASKING_PROB=1.0)).memory_fusion.train()
+    prepared = fusion.prepare(mem)
+    assert prepared[SCENE].padding.all() and prepared[OBJECT].padding.all()
+    kept = build(tiny_cfg(APPEND_QUERY_CLS=True, INPUT_MASKING_PROB=0.0)).memory_fusion.train()
+    assert not kept.prepare(mem)[SCENE].padding[:, -1].any()  # the CLS slot, when not masked
+    no_memory = build(tiny_cfg(enabled=False)).train()(x, mask_features)
+    masked = build(tiny_cfg(APPEND_QUERY_CLS=True, INPUT_MASKING_PROB=1.0)).train()
+    assert outputs_equal(masked(x, mask_features, memory=mem), no_memory)
+
+
+def test_memory_cross_attention_runs_after_the_masked_cross_attention():
+    """'We place this cross-attention module within the Transformer decoder block' (Sec. 3.3):
+    in each memory layer, masked cross-attention -> memory cross-attention -> self-attention
+    -> FFN (docs/fidelity.md)."""
+    decoder = build(tiny_cfg()).eval()
+    order = []
+    for i in (0, 3, 7):
+        for name, module in (("masked", decoder.transformer_cross_attention_layers[i]),
+                             ("self", decoder.transformer_self_attention_layers[i]),
+                             ("ffn", decoder.transformer_ffn_layers[i])):
+            module.register_forward_hook(lambda *_, n=name, i=i: order.append((i, n)))
+        if str(i) in decoder.memory_fusion.layers:
+            decoder.memory_fusion.layers[str(i)].register_forward_hook(
+                lambda *_, i=i: order.append((i, "memory")))
+    x, mask_features = inputs()
+    decoder(x, mask_features, memory=pool_memory())
+    assert order == [(0, "masked"), (0, "memory"), (0, "self"), (0, "ffn"),
+                     (3, "masked"), (3, "memory"), (3, "self"), (3, "ffn"),
+                     (7, "masked"), (7, "self"), (7, "ffn")]

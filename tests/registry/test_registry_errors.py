@@ -225,3 +225,18 @@ def test_bad_base_config_names_the_base_file(make_registry):
 def test_registry_folder_missing():
     with pytest.raises(ConfigError, match="experiment registry folder not found: /nonexistent/x"):
         load_registry("/nonexistent/x")
+
+
+def test_bad_defaults_name_the_key_inside_defaults(make_registry):
+    root = make_registry({"t.yaml": VALID_TABLE.replace("  iterations: 50\n", "  iterations: 0\n")})
+    with pytest.raises(ConfigError, match=r"t\.yaml: key 'defaults.iterations': expected an integer >= 1, got 0"):
+        load_registry(root, validate=False)
+    root = make_registry({"t.yaml": VALID_TABLE.replace("  iterations: 50\n", "  iteration: 50\n")})
+    with pytest.raises(ConfigError, match=r"t\.yaml: key 'defaults': unknown key 'iteration' \(did you mean 'iterations'\?\)"):
+        load_registry(root, validate=False)
+
+
+def test_bad_grid_point_names_the_point_and_key(make_registry):
+    text = VALID_TABLE.replace("tmp/k5: {same_as: tmp/maps}", "tmp/k5: {same_as: tmp/maps, seeds: 3}")
+    with pytest.raises(ConfigError, match=r"entry 'tmp/k\{num_retrieved\}': key 'points.tmp/k5': unknown key 'seeds'"):
+        load_registry(make_registry({"t.yaml": text}), validate=False)

@@ -165,3 +165,37 @@ def test_a_layer_choice_that_overlaps_the_other_memory_fails_before_any_worker(r
     with pytest.raises(SweepError, match=r"value \[1, 2, 3\].*also in OBJECT_LAYERS"):
         run_sweep(spec, trials=1, runs_root=runs_root)
     assert not (runs_root / "sweep").exists()
+
+
+def test_param_specs_are_validated_by_their_schema():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="empty range: low 3 must be < high 1"):
+        ParamSpec("MODEL.MAPS.NUM_RETRIEVED", "int", low=3, high=1)
+    bad = {"MODEL.MAPS.NUM_RETRIEVED": {"type": "int", "low": "x", "high": 3}}
+    with pytest.raises(SweepError, match=r"key 'space.MODEL.MAPS.NUM_RETRIEVED.low' must be a number, got 'x'"):
+        parse_sweep(toy_sweep(space=bad))
+    with pytest.raises(SweepError, match=r"key 'heartbeat': unknown key 'beat'; allowed: grace, interval"):
+        parse_sweep(toy_sweep(heartbeat={"beat": 1}))
+    with pytest.raises(SweepError, match=r"missing key 'experiment' \(the registry experiment the study starts from\)"):
+        parse_sweep({k: v for k, v in toy_sweep().items() if k != "experiment"})
+    spec = parse_sweep(toy_sweep())
+    assert parse_sweep(spec.to_dict()) == spec  # the form a worker job receives
+
+
+def test_a_study_of_a_paper_experiment_needs_its_weights(tmp_path, monkeypatch):
+    """Refused before the study exists, one line per missing file; --allow-random-weights
+    passes the check (the trials then record their random keys)."""
+    from maps.sweep import parse_sweep, run_sweep
+    from maps.sweep.spec import trials_base
+    from maps.weights.runs import MissingWeights
+
+    monkeypatch.setenv("MAPS_WEIGHTS", str(tmp_path / "empty-cache"))
+    spec = parse_sweep({"name": "paper-k", "experiment": "ade20k/maps", "iterations": 4,
+                        "space": {"MODEL.MAPS.NUM_RETRIEVED": {"type": "int", "low": 1, "high": 10}}})
+    with pytest.raises(MissingWeights) as e:
+        run_sweep(spec, trials=1, executor="debug", runs_root=tmp_path / "runs")
+    assert [line.split()[1] for line in e.value.lines[:-1]] == ["r50-imagenet:", "clip-vit-b16-openai:"]
+    assert not (tmp_path / "runs").exists()
+    cfg, memory = trials_base(spec, allow_random_weights=True)
+    assert cfg.MODEL.WEIGHTS == "" and memory["weights"] == ""

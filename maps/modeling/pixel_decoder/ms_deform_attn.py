@@ -1,21 +1,82 @@
-"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) in pure PyTorch.
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021).
 
-Mask2Former ships a CUDA kernel for this operator and falls back to a ``grid_sample``
-implementation on the CPU. Here the ``grid_sample`` path is the only one: it runs wherever
-PyTorch runs (CPU, any GPU, no compiled extension), which is what a laptop test suite and a
-cluster without a matching CUDA toolkit both need. The module's parameters and their names
-are the original's, so Mask2Former checkpoints load unchanged.
+Two implementations of one operator:
+
+* the ``grid_sample`` path (:func:`ms_deform_attn_core_pytorch`): runs wherever PyTorch
+  runs (CPU, any GPU, no compiled extension), which is what a laptop test suite and a
+  cluster without a matching CUDA toolkit both need;
+* Mask2Former's compiled CUDA kernel, the ``MultiScaleDeformableAttention`` extension its
+  ``ops/make.sh`` builds: used for CUDA tensors when that module is importable (it is faster
+  and needs less memory at the paper's resolution), in float32 as Mask2Former runs it.
+
+:func:`deform_attn_backend` says which one a device gets; each module records the one its
+last forward used (``last_backend``) so a benchmark can report it. ``MAPS_MSDA_PYTORCH=1``
+forces the PyTorch path. The module's parameters and their names are the original's, so
+Mask2Former checkpoints load unchanged.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["MSDeformAttn", "ms_deform_attn_core_pytorch"]
+__all__ = ["MSDeformAttn", "ms_deform_attn_core_pytorch", "deform_attn_backend",
+           "KERNEL", "PYTORCH"]
+
+KERNEL, PYTORCH = "cuda-kernel", "pytorch"
+try:  # Mask2Former's compiled op (mask2former/modeling/pixel_decoder/ops), if installed
+    import MultiScaleDeformableAttention as _MSDA  # type: ignore[import-not-found]
+except Exception:  # not built, or built against another torch/CUDA
+    _MSDA = None
+IM2COL_STEP = 128  # Mask2Former's value
+
+
+def deform_attn_backend(device: torch.device | str) -> str:
+    """``"cuda-kernel"`` when tensors on ``device`` go through the compiled op, else
+    ``"pytorch"`` (CPU, no extension, or ``MAPS_MSDA_PYTORCH=1``)."""
+    device = torch.device(device)
+    if _MSDA is None or device.type != "cuda" or os.environ.get("MAPS_MSDA_PYTORCH") == "1":
+        return PYTORCH
+    return KERNEL
+
+
+class _KernelFunction(torch.autograd.Function):
+    """The compiled forward and backward (float32), as Mask2Former's MSDeformAttnFunction."""
+
+    @staticmethod
+    def forward(ctx, value, shapes, level_start, locations, weights, im2col_step: int):
+        ctx.im2col_step = im2col_step
+        out = _MSDA.ms_deform_attn_forward(value, shapes, level_start, locations, weights,
+                                           im2col_step)
+        ctx.save_for_backward(value, shapes, level_start, locations, weights)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, shapes, level_start, locations, weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _MSDA.ms_deform_attn_backward(
+            value, shapes, level_start, locations, weights, grad_output.contiguous(),
+            ctx.im2col_step)
+        return grad_value, None, None, grad_locations, grad_weights, None
+
+
+def _kernel_core(value: Tensor, shapes: Tensor, level_start: Optional[Tensor], locations: Tensor,
+                 weights: Tensor) -> Tensor:
+    shapes = shapes.to(device=value.device, dtype=torch.long)
+    if level_start is None:
+        sizes = shapes[:, 0] * shapes[:, 1]
+        level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    out = _KernelFunction.apply(value.float().contiguous(), shapes.contiguous(),
+                                level_start.to(shapes).contiguous(),
+                                locations.float().contiguous(), weights.float().contiguous(),
+                                IM2COL_STEP)
+    return out.to(value.dtype)
 
 
 def ms_deform_attn_core_pytorch(
@@ -77,6 +138,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        self.last_backend: Optional[str] = None
         self._reset_parameters()
 
     @torch.no_grad()
@@ -112,8 +174,8 @@ class MSDeformAttn(nn.Module):
             reference_points: (N, Lq, L, 2) normalised (x, y) in [0, 1] per level.
             input_flatten: (N, S, C) all levels flattened and concatenated.
             input_spatial_shapes: (L, 2) long, (H_l, W_l).
-            input_level_start_index: (L,) unused here (the CUDA kernel's argument; kept for
-                the original signature).
+            input_level_start_index: (L,) first position of each level in ``input_flatten``
+                (the CUDA kernel's argument; computed when None; unused by the PyTorch path).
             input_padding_mask: (N, S) True at padding pixels, whose values become zero.
 
         Returns:
@@ -139,5 +201,10 @@ class MSDeformAttn(nn.Module):
         normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
         locations = (reference_points[:, :, None, :, None, :]
                      + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype))
-        out = ms_deform_attn_core_pytorch(value, input_spatial_shapes, locations, weights)
+        self.last_backend = deform_attn_backend(value.device)
+        if self.last_backend == KERNEL:
+            out = _kernel_core(value, input_spatial_shapes, input_level_start_index, locations,
+                               weights)
+        else:
+            out = ms_deform_attn_core_pytorch(value, input_spatial_shapes, locations, weights)
         return self.output_proj(out)
