@@ -83,9 +83,20 @@ def run_evaluation(run_dir: str, config_yaml: str, seed: int, resume: bool) -> D
     """
     from maps.config import config_from_yaml_text
 
+    from maps.engine.train import run_facts
+    from maps.engine.wandb_writer import WandbWriter
+
     cfg = config_from_yaml_text(config_yaml)
     cfg.defrost()
     cfg.OUTPUT_DIR = str(run_dir)
     cfg.SEED = int(seed)
     cfg.freeze()
-    return evaluate(cfg)
+    # an evaluation-only run (Table 7) is a W&B run too, so `maps tables --source wandb`
+    # builds every table; its final metrics go in the run's summary
+    writer = WandbWriter(run_dir, cfg, job_type="eval", extra_config=run_facts(run_dir, cfg))
+    try:
+        final = evaluate(cfg)
+        writer.log_final(final)
+        return final
+    finally:
+        writer.close()

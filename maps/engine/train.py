@@ -154,6 +154,23 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     return final
 
 
+def run_facts(run_dir: str, cfg: CfgNode) -> Dict[str, object]:
+    """What W&B's config gets besides the resolved config: the pretrained files (name, path,
+    sha256), the keys on random weights, and the launch's overrides (from status.json)."""
+    from maps.engine import run_record
+
+    from maps.errors import MapsError
+
+    status = run_record.read_status_file(run_dir) or {}
+    try:
+        weights = weights_record(cfg)
+    except MapsError:  # a missing file: train() refuses it with the full message
+        weights = None
+    return {"weights": weights, "random_weights": random_weight_keys(cfg),
+            "overrides": status.get("overrides") or {}, "experiment": status.get("experiment"),
+            "seed": status.get("seed")}
+
+
 def run_training(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dict[str, float]:
     """The task every launched job runs (see :mod:`maps.launch`)."""
     cfg = config_from_yaml_text(config_yaml)
@@ -165,8 +182,8 @@ def run_training(run_dir: str, config_yaml: str, seed: int, resume: bool) -> Dic
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     setup_run_logging(str(run_dir))  # so that a W&B warning reaches log.txt too
-    # tags (experiment, seed, table, git commit) come from the run's status.json
-    writer = WandbWriter(run_dir, cfg)
+    # tags (experiment, seed, table, git commit) and the group come from the run's status.json
+    writer = WandbWriter(run_dir, cfg, job_type="train", extra_config=run_facts(run_dir, cfg))
     try:
         return train(cfg, resume=resume, writers=[writer])
     finally:

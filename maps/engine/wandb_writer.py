@@ -223,12 +223,17 @@ class WandbWriter(EventWriter):
             server that answered the reachability check).
         reach_timeout_s: the longest the W&B server may take to give any HTTP answer before
             the run logs offline (online mode only).
+        job_type: W&B's job type: ``train``, ``eval``, ``memory`` or ``sweep``.
+        extra_config: what maps adds to ``wandb.config`` under ``maps`` (the pretrained files
+            with their sha256, the overrides, the keys on random weights).
+        group: W&B's group; default the run's experiment (its seeds side by side).
     """
 
     def __init__(self, run_dir: Union[str, os.PathLike], config: Any = None, tags: Optional[Iterable[str]] = None,
                  project: Optional[str] = None, entity: Optional[str] = None, mode: Optional[str] = None,
                  window_size: int = 20, name: Optional[str] = None, group: Optional[str] = None,
-                 init_timeout_s: float = 30.0, reach_timeout_s: float = REACH_TIMEOUT_S) -> None:
+                 init_timeout_s: float = 30.0, reach_timeout_s: float = REACH_TIMEOUT_S,
+                 job_type: str = "train", extra_config: Optional[Mapping[str, Any]] = None) -> None:
         self.run_dir = Path(run_dir)
         self.window_size = window_size
         self._run = None
@@ -257,7 +262,10 @@ class WandbWriter(EventWriter):
             tags = run_tags(identity.get("experiment"), identity.get("seed"), identity.get("table"))
         if name is None and identity.get("experiment"):
             name = f"{identity['experiment']}/seed{identity.get('seed')}"
-        args = (config, list(tags), name, group, init_timeout_s)
+        # W&B's own views group the seeds of one experiment and tell the kinds of job apart
+        group = group or identity.get("experiment")
+        config = {**_config_dict(config), **({"maps": dict(extra_config)} if extra_config else {})}
+        args = (config, list(tags), name, group, job_type, init_timeout_s)
         if self.mode == "online":
             why = server_unreachable(server_url(), reach_timeout_s)
             if why is not None:
@@ -286,14 +294,14 @@ class WandbWriter(EventWriter):
 
     # -- W&B calls (each guarded) -----------------------------------------------------------------
     def _init(self, config: Any, tags: list, name: Optional[str], group: Optional[str],
-              init_timeout_s: float) -> Any:
+              job_type: str, init_timeout_s: float) -> Any:
         import wandb
 
         (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         return wandb.init(
             id=self._record["id"], resume="allow", mode=self.mode, dir=str(self.run_dir),
             project=self._record["project"], entity=self._record["entity"], name=name or self.run_dir.parent.name,
-            group=group, tags=tags, config=_config_dict(config), reinit="create_new",
+            group=group, job_type=job_type, tags=tags, config=_config_dict(config), reinit="create_new",
             settings=wandb.Settings(init_timeout=init_timeout_s, console="off", silent=True),
         )
 

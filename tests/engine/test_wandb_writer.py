@@ -245,6 +245,19 @@ def test_default_tags_and_name_come_from_the_run_record(tmp_path, monkeypatch):
     assert tags[:3] == ["table:6", "exp:synthetic/table6/clip-cls", "seed:2"]
     assert all(t.startswith("git:") for t in tags[3:]) and len(tags) <= 4
     assert run.display_name == "synthetic/table6/clip-cls/seed2"
+    # W&B's grouping and comparison views: the seeds of one experiment in one group
+    assert run.run_group == "synthetic/table6/clip-cls" and run.job_type == "train"
+
+
+def test_job_type_and_maps_facts_go_to_wandb(run_dir):
+    facts = {"weights": [{"key": "MODEL.WEIGHTS", "name": "r50-imagenet", "sha256": "ab" * 32}],
+             "random_weights": [], "overrides": {"SOLVER.BASE_LR": 0.001}}
+    w = WandbWriter(run_dir, {"SOLVER": {"BASE_LR": 0.001}}, job_type="eval", extra_config=facts, group="g")
+    w.close()
+    (run,) = run_records(run_dir)
+    assert run.job_type == "eval" and run.run_group == "g"
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["maps"] == facts and config["SOLVER"] == {"BASE_LR": 0.001}
 
 
 # -- an unreachable server, and resuming after a kill ---------------------------------------------

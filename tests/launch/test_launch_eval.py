@@ -36,11 +36,12 @@ def _shrink(spec):
     return spec
 
 
-def test_one_launch_builds_memory_trains_then_evaluates(tiny_data, tmp_path):
+def test_one_launch_builds_memory_trains_then_evaluates(tiny_data, tmp_path, monkeypatch):
     from maps.engine.evaluate import MODEL_RECORD
     from maps.launch import RunStore, launch, plan_runs
     from maps.registry import load_registry
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
     store = RunStore(tmp_path / "runs")
     specs = [_shrink(s) for s in plan_runs(load_registry(), "synthetic/table7/no-memory", 1, store)]
     report = launch(specs, "debug", store=store)
@@ -63,6 +64,9 @@ def test_one_launch_builds_memory_trains_then_evaluates(tiny_data, tmp_path):
     assert "SCENE_MEMORY: false" in (eval_dir / "config.yaml").read_text()
     assert json.loads((eval_dir / "memory.json").read_text())["bank"] == \
         json.loads((train_dir / "memory.json").read_text())["bank"]
+    # every kind of run is a W&B run (Table 7 from --source wandb needs the evaluation ones)
+    ids = {json.loads((d / "wandb.json").read_text())["id"] for d in (train_dir, eval_dir)}
+    assert len(ids) == 2 and list(eval_dir.glob("wandb/offline-run-*"))
 
     again = launch(specs, "debug", store=store)  # idempotent: nothing built or run again
     assert [o.action for o in again.outcomes] == ["skipped", "skipped"]

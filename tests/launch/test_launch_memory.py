@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from maps.errors import ConfigError
-from maps.launch.memory_jobs import memory_prereq
-from maps.memory.prepare import (DEFAULT_K, PREPARE_TASK, apply_memory, memory_dir,
+from maps.launch.memory_jobs import BUILD_TASK, memory_prereq
+from maps.memory.prepare import (DEFAULT_K, apply_memory, memory_dir,
                                  normalize_spec, prepare_memory)
 
 SPEC = {"dataset": "synthetic_train", "key_encoder": "clip", "key_arch": "ViT-Tiny-16",
@@ -40,7 +40,7 @@ def test_prereq_and_apply_memory(tmp_path):
     from maps.config import get_maps_cfg
 
     pre = memory_prereq(SPEC, tmp_path / "runs", data_root=str(tmp_path / "data"))
-    assert pre.task == PREPARE_TASK
+    assert pre.task == BUILD_TASK
     assert pre.kwargs["data_root"] == str(tmp_path / "data") and pre.kwargs["k"] == DEFAULT_K
     cfg = get_maps_cfg()
     cfg.freeze()
@@ -105,7 +105,7 @@ def test_launch_command_wires_memory_and_evaluation_runs(tmp_path, monkeypatch):
     memory = {s.experiment: s.prerequisites for s in specs if s.prerequisites}
     assert len(memory) == 4 and len({p[0].output_dir for p in memory.values()}) == 1
     pre = memory["synthetic/main/maps"][0]
-    assert pre.task == PREPARE_TASK and pre.kwargs["dataset"] == "synthetic_train"
+    assert pre.task == BUILD_TASK and pre.kwargs["dataset"] == "synthetic_train"
     assert pre.kwargs["data_root"] == str(tmp_path / "data")
     assert Path(pre.output_dir).parent == (tmp_path / "runs" / "_memory").resolve()
     train = by["synthetic/main/maps"]
@@ -130,6 +130,6 @@ def test_launch_dry_run_lists_one_memory_build(tmp_path, monkeypatch):
                                        "--executor", "local", "--runs-root", str(tmp_path / "runs")],
                                 terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert result.output.count("prerequisite maps.memory.prepare:prepare_memory") == 1
+    assert result.output.count("prerequisite maps.launch.memory_jobs:build_memory") == 1
     assert "would-build" in result.output
     assert "4 of 4 runs would be submitted" in result.output

@@ -75,7 +75,7 @@ def test_grid_builds_memory_first_then_trains_and_evaluates(env):
                                              "synthetic/table7/no-memory"]
     report = launch(specs, "slurm", profile=profile, store=store)
     (pre,) = report.prerequisites
-    assert pre["action"] == "submitted" and pre["task"] == "maps.memory.prepare:prepare_memory"
+    assert pre["action"] == "submitted" and pre["task"] == "maps.launch.memory_jobs:build_memory"
     runs = {s.experiment: store.run_dir(s.experiment, 0) for s in specs}
     train_job = store.read_status(runs["synthetic/main/maps"])["job_id"]
     assert store.read_status(runs["synthetic/main/mask2former"]).get("dependency") is None
