@@ -104,8 +104,11 @@ def read_status_file(run_dir: PathLike) -> Optional[Dict[str, Any]]:
 
 
 def setup_run_logging(output_dir: str) -> None:
-    """detectron2's and maps' loggers to ``<run dir>/log.txt`` (and the console on rank 0)."""
+    """detectron2's and maps' loggers to ``<run dir>/log.txt`` (and the console) on rank 0;
+    the other ranks of a distributed run to ``log.txt.rank<N>``."""
+    from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 
-    setup_logger(os.path.join(output_dir, "log.txt"), name="detectron2")
-    setup_logger(os.path.join(output_dir, "log.txt"), name="maps")
+    rank = comm.get_rank()
+    setup_logger(os.path.join(output_dir, "log.txt"), distributed_rank=rank, name="detectron2")
+    setup_logger(os.path.join(output_dir, "log.txt"), distributed_rank=rank, name="maps")

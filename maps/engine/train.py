@@ -119,16 +119,20 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     # MODEL.WEIGHTS as a file for detectron2's checkpointer (a cache name would be taken for
     # a missing file: silently from scratch); refused here if a named file is missing
     cfg = resolve_config_weights(cfg)
+    from detectron2.utils import comm
+
+    main = comm.is_main_process()  # the records are rank 0's to write, once
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     setup_run_logging(str(out))
-    atomic_write_text(out / "config.yaml", cfg.dump())
-    # what the run started from: name, path and sha256 of every pretrained file, and the
-    # keys that started from a random initialisation
-    atomic_write_json(out / WEIGHTS_RECORD, {"weights": weights_record(cfg), "random": random_weight_keys(cfg)})
-    if memory is not None:
-        # the run names the memory it read: bank path and manifest hash, neighbour caches
-        atomic_write_json(out / "memory.json", memory)
+    if main:
+        atomic_write_text(out / "config.yaml", cfg.dump())
+        # what the run started from: name, path and sha256 of every pretrained file, and
+        # the keys that started from a random initialisation
+        atomic_write_json(out / WEIGHTS_RECORD, {"weights": weights_record(cfg), "random": random_weight_keys(cfg)})
+        if memory is not None:
+            # the run names the memory it read: bank path and manifest hash, neighbour caches
+            atomic_write_json(out / "memory.json", memory)
 
     MAPSTrainer.extra_writers = list(writers)
     MAPSTrainer.extra_hooks = list(hooks)
@@ -147,11 +151,31 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     final["iteration"] = int(cfg.SOLVER.MAX_ITER)
     # the tables' Params column (paper Tables 1 and 4), in millions
     final["params"] = round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)
-    for w in writers:
-        if hasattr(w, "log_final"):
-            w.log_final(final)
-    atomic_write_json(out / "final.json", final)
+    if comm.get_world_size() > 1:
+        final["world_size"] = comm.get_world_size()
+        final["ranks_agree"] = ranks_agree(trainer.model)
+    if main:
+        for w in writers:
+            if hasattr(w, "log_final"):
+                w.log_final(final)
+        atomic_write_json(out / "final.json", final)
     return final
+
+
+def ranks_agree(model) -> bool:
+    """Whether every process of a distributed run ends with the same weights, bit for bit
+    (DistributedDataParallel's promise; a desync would silently train N different models).
+    One sha256 of the parameters per rank, gathered."""
+    import hashlib
+
+    from detectron2.utils import comm
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests = comm.all_gather(digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 def run_facts(run_dir: str, cfg: CfgNode) -> Dict[str, object]:

@@ -27,10 +27,10 @@ HEADERS_MD = {"params": "Params (M)", "iters": "Iters", "PQ": "PQ", "PQ_th": "PQ
               "PQ_st": "PQ^st", "AP": "AP", "mIoU": "mIoU"}
 HEADERS_TEX = {"params": "Params (M)", "iters": "Iters", "PQ": "PQ", "PQ_th": r"PQ$^{\mathrm{th}}$",
                "PQ_st": r"PQ$^{\mathrm{st}}$", "AP": "AP", "mIoU": "mIoU"}
-VERDICT_MARK = {"supported": "✓", "contradicted": "✗", "not significant": "~", "untested": "",
-                "no claim": "!"}
-VERDICT_TEX = {"supported": r"$\checkmark$", "contradicted": r"$\times$", "not significant": r"$\sim$",
-               "untested": "", "no claim": "!"}
+VERDICT_MARK = {"supported": "✓", "direction": "↗", "contradicted": "✗", "not significant": "~",
+                "untested": "", "no claim": "!"}
+VERDICT_TEX = {"supported": r"$\checkmark$", "direction": r"$\nearrow$", "contradicted": r"$\times$",
+               "not significant": r"$\sim$", "untested": "", "no claim": "!"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +76,11 @@ def _legend(table: Any) -> str:
              f"(n); {paper}"]
     if base is not None:
         lines.append(f"`vs base` = ours − baseline row ({base}), Welch's t-test over seeds "
-                     f"(two-sided p); `claim` = the paper's own difference. ✓ the runs support "
-                     f"the claimed gain (p < 0.05, same sign), ✗ they contradict it, ~ not "
-                     f"significant, ! significant where the paper claims none.")
+                     f"(two-sided p), with its 95% interval; `claim` = the paper's own "
+                     f"difference. ✓ the runs support the claim in sign and size (p < 0.05, same "
+                     f"sign, the claim inside our 95% interval), ↗ same sign but another size "
+                     f"(the claim outside our interval), ✗ they contradict it (p < 0.05, opposite "
+                     f"sign), ~ not significant, ! significant where the paper claims none.")
     return " ".join(lines)
 
 

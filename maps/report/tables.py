@@ -114,15 +114,26 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """``supported`` / ``contradicted`` (significant, same / opposite sign as the paper's
-        claimed difference), ``not significant``, ``untested`` (no p-value), or ``no claim``."""
+        """What the runs say of the paper's claimed difference (``paper_delta``):
+
+        ``supported``: significant (p < ALPHA), same sign, and the claimed difference inside
+        our 95% interval (its size too); ``direction``: significant and same sign, but the
+        claimed difference outside our interval (another size: a measured -9.5 against a
+        claimed -0.5); ``contradicted``: significant, opposite sign; ``not significant``;
+        ``untested`` (no p-value); ``no claim`` (significant where the paper claims nothing).
+        """
         if self.p_value is None:
             return "untested"
         if not self.significant:
             return "not significant"
         if self.paper_delta is None or self.paper_delta == 0:
             return "no claim"
-        return "supported" if (self.delta > 0) == (self.paper_delta > 0) else "contradicted"
+        if (self.delta > 0) != (self.paper_delta > 0):
+            return "contradicted"
+        if self.ci_low is not None and self.ci_high is not None and \
+                not self.ci_low <= self.paper_delta <= self.ci_high:
+            return "direction"
+        return "supported"
 
 
 def welch_test(a: Sequence[float], b: Sequence[float]) -> Tuple[Optional[float], Optional[float],

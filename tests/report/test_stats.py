@@ -54,3 +54,13 @@ def test_no_test_with_one_seed_or_no_variance(a, b):
 ])
 def test_verdict_against_the_papers_claim(delta, p, claim, verdict):
     assert Comparison("b", delta, p_value=p, paper_delta=claim).verdict == verdict
+
+
+@pytest.mark.parametrize("claim, verdict", [
+    (-0.5, "direction"),    # significant, same sign, but the claim is far outside our interval
+    (-9.0, "supported"),    # the claim inside our 95% interval: sign and size agree
+    (+2.0, "contradicted"),
+])
+def test_a_claim_is_supported_only_in_sign_and_size(claim, verdict):
+    c = Comparison("b", -9.5, p_value=0.001, ci_low=-11.0, ci_high=-8.0, paper_delta=claim)
+    assert c.verdict == verdict
