@@ -7,8 +7,15 @@ looking at. So each image is one of a few scene types with its own stuff layout 
 distribution over things, and two pairs of thing classes are drawn identically (``car`` /
 ``boat`` and ``dog`` / ``cat``): the pixels of such an object do not say which class it is,
 the scene does. The ground cars and boats stand on is ambiguous too: ``road`` and ``water``
-are painted alike (format version 2), so only the rest of the scene (a facade above a
-street, a grassy bank above a lake) tells road from water and a car from a boat.
+are painted alike (format version 2).
+
+Format 3 makes a street and a lake the same picture below the sky: a grass verge, then the
+look-alike ground with the look-alike hulls standing wholly on it, among the same company
+(people, birds). Nothing near a car or a boat tells which it is; the sky does, far above it
+(hazy grey over a street, clear blue over a lake), and so do other pictures of the same kind
+of place: in half of the street and lake images the hulls give themselves away (a car's
+black wheels, a boat's white sail). Retrieval finds those pictures (its keys see the sky),
+and their object tokens carry the giveaways to the ambiguous hulls of the query image.
 
 Layout written by :func:`generate_synthetic_dataset` (``<split>`` is ``train`` or ``val``)::
 
@@ -51,7 +58,7 @@ __all__ = [
     "read_manifest",
 ]
 
-FORMAT_VERSION = 2  # 2: road and water painted alike (look-alike stuff)
+FORMAT_VERSION = 3  # 2: road and water painted alike; 3: street and lake alike below the sky
 MANIFEST_NAME = "maps_synthetic.json"
 SPLITS = ("train", "val")
 # image ids of a split start here, so that train and val ids never collide whatever their sizes
@@ -75,12 +82,14 @@ class _Thing:
     supercategory: str
     place: str = "ground"  # "ground": stands on the lowest stuff band; "sky": flies in the top one
     aspect: float = 1.0    # width / height of the drawing's box
+    #: what gives a look-alike away where a scene shows it (see _SceneType.reveal)
+    giveaway: Optional[str] = None
 
 
 _THINGS: Tuple[_Thing, ...] = (
     _Thing(1, "person", "person", (205, 150, 120), (220, 20, 60), "person", aspect=0.42),
-    _Thing(2, "car", "hull", (190, 40, 45), (0, 0, 142), "vehicle", aspect=2.0),
-    _Thing(3, "boat", "hull", (190, 40, 45), (0, 80, 100), "vehicle", aspect=2.0),
+    _Thing(2, "car", "hull", (190, 40, 45), (0, 0, 142), "vehicle", aspect=2.0, giveaway="wheels"),
+    _Thing(3, "boat", "hull", (190, 40, 45), (0, 80, 100), "vehicle", aspect=2.0, giveaway="sail"),
     _Thing(4, "dog", "quadruped", (125, 85, 45), (255, 120, 0), "animal", aspect=1.5),
     _Thing(5, "cat", "quadruped", (125, 85, 45), (160, 90, 200), "animal", aspect=1.5),
     _Thing(7, "chair", "chair", (150, 100, 60), (200, 200, 0), "furniture", aspect=0.7),
@@ -128,19 +137,36 @@ class _SceneType:
     things: Dict[str, float]
     count: Tuple[int, int]
     crowd_of: str  # class of the occasional iscrowd group
+    weight: float = 1.0  # how often the scene is drawn, relative to the others
+    sky: Optional[Tuple[int, int, int]] = None  # the sky's paint, where it is the scene's own
+    #: ground things stand wholly inside the lowest band: nothing above the ground is near them
+    grounded: bool = False
+    #: the share of the scene's images whose look-alikes show what gives them away (a car's
+    #: black wheels, a boat's white sail); in the others they are indistinguishable
+    reveal: float = 0.0
 
 
 _SCENE_TYPES: Tuple[_SceneType, ...] = (
     _SceneType("kitchen", (("wall", 0.0), ("floor", 0.58)),
-               {"chair": 3, "table": 2.5, "bottle": 2.5, "cat": 1.5, "person": 0.5}, (2, 6), "bottle"),
-    _SceneType("street", (("sky", 0.0), ("wall", 0.22), ("road", 0.6)),
-               {"car": 4, "person": 3, "dog": 1.5, "tree": 1}, (2, 7), "person"),
-    _SceneType("lake", (("sky", 0.0), ("grass", 0.36), ("water", 0.48)),
-               {"boat": 5, "bird": 3, "person": 1}, (1, 5), "bird"),
+               {"chair": 3, "table": 2.5, "bottle": 2.5, "cat": 2.5, "person": 0.5}, (3, 7), "bottle",
+               weight=1.25),
+    # street and lake are the same picture below the sky (format 3): a grass verge, then the
+    # look-alike ground (road / water) with look-alike hulls (car / boat) standing wholly on
+    # it, and the same company (people, birds). Only the sky, a hazy grey over the town and a
+    # clear blue over the lake, tells them apart, well above every car and boat -- and, in
+    # half of the images, the hulls' giveaways (black wheels, white sails).
+    _SceneType("street", (("sky", 0.0), ("grass", 0.3), ("road", 0.44)),
+               {"car": 5, "person": 2, "bird": 1.5}, (2, 6), "person", weight=1.25,
+               sky=(150, 138, 128), grounded=True, reveal=0.5),
+    _SceneType("lake", (("sky", 0.0), ("grass", 0.3), ("water", 0.44)),
+               {"boat": 5, "person": 2, "bird": 1.5}, (2, 6), "bird", weight=1.25,
+               sky=(60, 120, 200), grounded=True, reveal=0.5),
     _SceneType("forest", (("sky", 0.0), ("grass", 0.32)),
-               {"tree": 4, "bird": 2, "dog": 2, "person": 1}, (2, 7), "bird"),
+               {"tree": 4, "bird": 2, "dog": 3, "person": 1}, (2, 7), "bird"),
 )
 SCENES: Tuple[str, ...] = tuple(s.name for s in _SCENE_TYPES)
+_SCENE_BY_NAME = {s.name: s for s in _SCENE_TYPES}
+_SCENE_P = np.array([s.weight for s in _SCENE_TYPES], np.float64) / sum(s.weight for s in _SCENE_TYPES)
 
 _CROWD_PROB = 0.08       # an image gets one iscrowd group with this probability
 _VOID_LINE_PROB = 0.3    # an unlabeled "cable" across the image (void pixels)
@@ -208,19 +234,19 @@ def _shape_mask(cv: _Canvas, shape: str, x0: float, y0: float, w: float, h: floa
         m = cv.ellipse(cx, y0 + 0.5 * h, 0.4 * w, 0.25 * h)
         m |= cv.ellipse(hx, y0 + 0.28 * h, 0.14 * w, 0.2 * h)
         for fx in (0.22, 0.38, 0.62, 0.78):
-            m |= cv.rect(x0 + (fx - 0.04) * w, y0 + 0.6 * h, x0 + (fx + 0.04) * w, y0 + h)
+            m |= cv.rect(x0 + (fx - 0.06) * w, y0 + 0.6 * h, x0 + (fx + 0.06) * w, y0 + h)
         return m
     if shape == "chair":
-        bx = (x0, x0 + 0.2 * w) if flip else (x0 + 0.8 * w, x0 + w)
+        bx = (x0, x0 + 0.28 * w) if flip else (x0 + 0.72 * w, x0 + w)
         m = cv.rect(bx[0], y0, bx[1], y0 + 0.6 * h)
-        m |= cv.rect(x0, y0 + 0.5 * h, x0 + w, y0 + 0.62 * h)
-        m |= cv.rect(x0, y0 + 0.6 * h, x0 + 0.14 * w, y0 + h)
-        m |= cv.rect(x0 + 0.86 * w, y0 + 0.6 * h, x0 + w, y0 + h)
+        m |= cv.rect(x0, y0 + 0.48 * h, x0 + w, y0 + 0.64 * h)
+        m |= cv.rect(x0, y0 + 0.6 * h, x0 + 0.22 * w, y0 + h)
+        m |= cv.rect(x0 + 0.78 * w, y0 + 0.6 * h, x0 + w, y0 + h)
         return m
     if shape == "table":
-        m = cv.rect(x0, y0, x0 + w, y0 + 0.2 * h)
-        m |= cv.rect(x0 + 0.08 * w, y0, x0 + 0.18 * w, y0 + h)
-        m |= cv.rect(x0 + 0.82 * w, y0, x0 + 0.92 * w, y0 + h)
+        m = cv.rect(x0, y0, x0 + w, y0 + 0.26 * h)
+        m |= cv.rect(x0 + 0.06 * w, y0, x0 + 0.2 * w, y0 + h)
+        m |= cv.rect(x0 + 0.8 * w, y0, x0 + 0.94 * w, y0 + h)
         return m
     if shape == "bottle":
         m = cv.rect(x0, y0 + 0.35 * h, x0 + w, y0 + h)
@@ -239,11 +265,28 @@ def _shape_mask(cv: _Canvas, shape: str, x0: float, y0: float, w: float, h: floa
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _giveaway(cv: _Canvas, giveaway: str, x0: float, y0: float, w: float, h: float
+              ) -> Tuple[np.ndarray, Tuple[np.ndarray, Tuple[int, int, int]]]:
+    """What tells a look-alike apart, for the box (x0, y0, w, h) of its drawing: (pixels added
+    to its silhouette, (its part painted otherwise, that paint)). A car's wheels are black; a
+    boat carries a white sail above its cabin."""
+    if giveaway == "wheels":
+        wheels = cv.ellipse(x0 + 0.22 * w, y0 + 0.88 * h, 0.11 * w, 0.14 * h)
+        wheels |= cv.ellipse(x0 + 0.78 * w, y0 + 0.88 * h, 0.11 * w, 0.14 * h)
+        return wheels, (wheels, (25, 25, 30))
+    if giveaway == "sail":
+        sail = cv.triangle((x0 + 0.5 * w, y0 - 0.6 * h), y0 + 0.2 * h, 0.22 * w)
+        return sail, (sail, (235, 235, 225))
+    raise ValueError(f"unknown giveaway {giveaway!r}")
+
+
 def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator) -> np.ndarray:
     """(H, W, 3) float colour field of one stuff class, with a scene-specific texture."""
     s = cv.size
     y, x = cv.yf / s, cv.xf / s
-    base = np.array(_STUFF_PAINT.get(stuff) or dict((n, c) for _, n, c in _STUFF)[stuff], np.float32)
+    paint = _SCENE_BY_NAME[scene].sky if stuff == "sky" else None
+    base = np.array(paint or _STUFF_PAINT.get(stuff) or dict((n, c) for _, n, c in _STUFF)[stuff],
+                    np.float32)
     shade = np.zeros((s, s), np.float32)
     if stuff == "sky":
         shade = shade + 60.0 * (0.5 - y)  # lighter towards the horizon
@@ -281,9 +324,9 @@ def _band_starts(scene: _SceneType, size: int, rng: np.random.Generator) -> List
 def render_scene(rng: np.random.Generator, size: int, scene: Optional[str] = None) -> SyntheticScene:
     """Draw one image of a random (or the given) scene type with its panoptic labels."""
     if scene is None:
-        stype = _SCENE_TYPES[int(rng.integers(len(_SCENE_TYPES)))]
+        stype = _SCENE_TYPES[int(rng.choice(len(_SCENE_TYPES), p=_SCENE_P))]
     else:
-        stype = {s.name: s for s in _SCENE_TYPES}[scene]
+        stype = _SCENE_BY_NAME[scene]
     canvas = _Scene(size, rng)
     ground_top, sky_bottom = canvas.draw_stuff(stype)
     canvas.draw_things(stype, ground_top, sky_bottom)
@@ -328,20 +371,25 @@ class _Scene:
         p /= p.sum()
         n_things = int(rng.integers(stype.count[0], stype.count[1] + 1))
         crowd_at = int(rng.integers(0, n_things + 1)) if rng.random() < _CROWD_PROB else -1
+        reveal = bool(rng.random() < stype.reveal) if stype.reveal > 0 else False
         for k in range(n_things + 1):
             if k == crowd_at:  # several small instances of one class, annotated as one segment
                 thing = _THING_BY_NAME[stype.crowd_of]
                 mask = np.zeros((self.size, self.size), bool)
                 for _ in range(int(rng.integers(4, 8))):
-                    box = self._place(thing, (0.07, 0.12), ground_top, sky_bottom)
+                    box = self._place(thing, (0.07, 0.12), ground_top, sky_bottom, stype.grounded)
                     mask |= _shape_mask(self.cv, thing.shape, *box, flip=bool(rng.integers(2)))
                 self._paint(mask, thing, iscrowd=1)
             elif k < n_things:
                 thing = _THING_BY_NAME[names[int(rng.choice(len(names), p=p))]]
                 scale = (0.06, 0.12) if thing.place == "sky" else (0.15, 0.38)
-                box = self._place(thing, scale, ground_top, sky_bottom)
-                self._paint(_shape_mask(self.cv, thing.shape, *box, flip=bool(rng.integers(2))),
-                            thing, iscrowd=0)
+                box = self._place(thing, scale, ground_top, sky_bottom, stype.grounded)
+                mask = _shape_mask(self.cv, thing.shape, *box, flip=bool(rng.integers(2)))
+                detail = None
+                if reveal and thing.giveaway:
+                    extra, detail = _giveaway(self.cv, thing.giveaway, *box)
+                    mask |= extra
+                self._paint(mask, thing, iscrowd=0, detail=detail)
 
     def draw_cable(self) -> None:
         """An unlabeled dark line across the image: void pixels."""
@@ -352,9 +400,9 @@ class _Scene:
         self.pan[cable] = 0
 
     def _place(self, thing: _Thing, scale: Tuple[float, float], ground_top: float,
-               sky_bottom: float) -> Tuple[float, float, float, float]:
+               sky_bottom: float, grounded: bool = False) -> Tuple[float, float, float, float]:
         """Box (x0, y0, w, h): birds in the sky; others stand in the lowest band, bigger when
-        lower in the image (closer)."""
+        lower in the image (closer); ``grounded``: wholly inside that band."""
         rng, size = self.rng, self.size
         h = rng.uniform(*scale) * size
         if thing.place == "sky":
@@ -362,16 +410,23 @@ class _Scene:
         else:
             y1 = rng.uniform(ground_top + 0.15 * (size - ground_top), size + 0.1 * h)
             h *= 0.7 + 0.6 * (y1 / size)
+            if grounded:  # the top stays below the band's highest point
+                h = min(h, y1 - ground_top - 1)
             y0 = y1 - h
         w = thing.aspect * h
         return rng.uniform(-0.2 * w, size - 0.8 * w), y0, w, h
 
-    def _paint(self, mask: np.ndarray, thing: _Thing, iscrowd: int) -> None:
+    def _paint(self, mask: np.ndarray, thing: _Thing, iscrowd: int,
+               detail: Optional[Tuple[np.ndarray, Tuple[int, int, int]]] = None) -> None:
         if not mask.any():
             return
         colour = np.array(thing.paint, np.float32) + self.rng.uniform(-12, 12, 3).astype(np.float32)
         shade = 18.0 * (self.cv.yf - self.size / 2) / self.size  # slight vertical shading, (H, 1)
         np.copyto(self.image, colour[None, None, :] + shade[..., None], where=mask[..., None])
+        if detail is not None:  # the giveaway, painted over its part of the object
+            part, paint = detail
+            np.copyto(self.image, np.array(paint, np.float32)[None, None, :] + shade[..., None],
+                      where=(part & mask)[..., None])
         self._instances[thing.id] = self._instances.get(thing.id, 0) + 1
         sid = thing.id * 1000 + self._instances[thing.id]
         self.pan[mask] = sid

@@ -141,13 +141,16 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
         trainer.resume_or_load(resume=resume)
         if trainer.start_iter < trainer.max_iter:
             trainer.train()
-        results = getattr(trainer, "_last_eval_results", None)
-        if not results:
+        # detectron2's evaluation returns results on rank 0 only: whether it ran is the
+        # attribute, not its value (another rank re-running it alone would hang the group)
+        if hasattr(trainer, "_last_eval_results"):
+            results = trainer._last_eval_results
+        else:
             results = MAPSTrainer.test(cfg, trainer.model)
     finally:
         MAPSTrainer.extra_writers = []
         MAPSTrainer.extra_hooks = []
-    final = {k: float(v) for k, v in flatten_results(results).items()}
+    final = {k: float(v) for k, v in flatten_results(results or {}).items()}
     final["iteration"] = int(cfg.SOLVER.MAX_ITER)
     # the tables' Params column (paper Tables 1 and 4), in millions
     final["params"] = round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 from typing import Any, Callable, List, Optional
 
@@ -40,6 +41,27 @@ class _KeepOpen(EventWriter):
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _cpu_aware_ddp():
+    """detectron2's ``create_ddp_model`` passes ``device_ids=[local rank]`` whatever the
+    model's device, which DistributedDataParallel refuses for a CPU model: a multi-process run
+    on CPUs (gloo) gets no device ids. Only for the trainer's construction."""
+    import detectron2.engine.defaults as d2_defaults
+
+    create = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if not any(p.is_cuda for p in model.parameters()):
+            kwargs.setdefault("device_ids", None)
+        return create(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create
 
 
 class MAPSTrainer(DefaultTrainer):
@@ -95,7 +117,8 @@ class MAPSTrainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # the writers open their files in it
-        super().__init__(cfg)
+        with _cpu_aware_ddp():
+            super().__init__(cfg)
         self._sampler = type(self)._last_sampler
 
     def build_hooks(self):

@@ -177,3 +177,40 @@ def test_demo_registry_counts_the_demo_seeds(registry):
     assert registry.get("synthetic/main/maps").seeds == (0, 1, 2)  # the original is untouched
     paper = [e for e in registry if e.suite == "paper" and e.runnable][0]
     assert small.get(paper.name).seeds == paper.seeds
+
+
+def _gain_table(maps_pq, base_pq):
+    """A synthetic Table 2 with MAPS and its Mask2Former baseline, PQ per seed."""
+    from maps.report import Cell, Comparison, Row, Table, welch_test
+
+    base = Row("synthetic/main/mask2former", "Mask2Former", True, "m2f",
+               {"PQ": Cell("PQ", dict(enumerate(base_pq)))}, is_baseline=True)
+    cell = Cell("PQ", dict(enumerate(maps_pq)))
+    t, dof, p, _ = welch_test(maps_pq, base_pq)
+    cell.comparison = Comparison("synthetic/main/mask2former", cell.mean - base.cells["PQ"].mean,
+                                 t=t, dof=dof, p_value=p)
+    mine = Row("synthetic/main/maps", "MAPS", True, "maps", {"PQ": cell})
+    return Table(2, "synthetic", "t", ("PQ",), (), [base, mine], base.name, "test")
+
+
+def test_the_demo_states_its_result_in_one_sentence():
+    from maps.demo import memory_verdict
+
+    assert memory_verdict(_gain_table([47.0, 48.0, 47.5], [44.0, 44.5, 43.5])) == (
+        "MAPS beats Mask2Former by +3.50 PQ over 3 seeds each (Welch p = 0.00102): "
+        "significant at 0.05")
+    assert memory_verdict(_gain_table([45.0, 43.0, 46.0], [44.0, 45.5, 43.5])).endswith(
+        "not significant at 0.05")
+    assert memory_verdict(_gain_table([43.0, 44.0], [45.0, 46.0])).startswith(
+        "MAPS trails Mask2Former by -2.00 PQ over 2 seeds each")
+    assert memory_verdict(_gain_table([47.0], [44.0])).endswith("too few seeds for a significance test")
+
+
+def test_the_demo_trains_seed_by_seed():
+    from types import SimpleNamespace
+
+    from maps.demo import seed_major
+
+    specs = [SimpleNamespace(experiment=e, seed=s) for e in ("m2f", "maps") for s in (0, 1, 2)]
+    assert [(s.experiment, s.seed) for s in seed_major(specs)] == [
+        ("m2f", 0), ("maps", 0), ("m2f", 1), ("maps", 1), ("m2f", 2), ("maps", 2)]

@@ -53,6 +53,15 @@ def test_quick_demo_writes_the_table_logs_wandb_and_reuses_runs(tmp_path):
     # the memory the MAPS runs read is the launcher's prerequisite, marked complete
     (mem,) = (runs / "_memory").iterdir()
     assert (mem / "_COMPLETE").is_file() and (mem / "neighbors" / "synthetic_val.jsonl").is_file()
+    # what the demo made carries maps' marker, with the dataset its memory and runs came from
+    # (how a later demo tells stale products, and what --fresh may delete)
+    from maps.io import made_by_maps
+
+    assert made_by_maps(runs, "demo")
+    fingerprint = made_by_maps(runs / "datasets" / "synthetic", "dataset")["fingerprint"]
+    assert made_by_maps(mem, "memory")["dataset_fingerprint"] == fingerprint
+    for experiment in ROWS:
+        assert made_by_maps(runs / experiment / "seed0", "run")["dataset_fingerprint"] == fingerprint
 
     # a second invocation reuses the dataset, the memory and the finished runs
     attempts = {e: json.loads((runs / e / "seed0" / "status.json").read_text())["attempt"] for e in ROWS}

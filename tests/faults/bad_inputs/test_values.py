@@ -2,8 +2,6 @@
 configs refused before ``maps train`` writes anything (issue 12)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from .harness import (REPO, SECRET, Case, check_refused, launch_dry_run, maps_env, params, profile,
