@@ -76,6 +76,9 @@ def neighbors(bank, dataset, out, k, search, first_pass, batch_size) -> None:
     from maps.memory.retrieval import compute_neighbors, write_neighbor_cache
 
     b = MemoryBank(bank)
+    # the keys (and, searched with HNSW, the index) against the manifest's sha256: a cache
+    # computed from a tampered bank would be trusted by every run that reads it
+    b.verify(index=search == "hnsw")
     dicts = load_dataset_dicts(dataset)
     key_encoder = None
     if any(b.row(d["image_id"]) is None for d in dicts):

@@ -156,7 +156,10 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     final["params"] = round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)
     if comm.get_world_size() > 1:
         final["world_size"] = comm.get_world_size()
-        final["ranks_agree"] = ranks_agree(trainer.model)
+        differ = ranks_differ(trainer.model)
+        final["ranks_agree"] = not differ
+        if differ:
+            final["ranks_differ_on"] = differ[:10]
     if main:
         for w in writers:
             if hasattr(w, "log_final"):
@@ -165,20 +168,20 @@ def train(cfg: CfgNode, resume: bool = False, writers: Sequence = (),
     return final
 
 
-def ranks_agree(model) -> bool:
-    """Whether every process of a distributed run ends with the same weights, bit for bit
-    (DistributedDataParallel's promise; a desync would silently train N different models).
-    One sha256 of the parameters per rank, gathered."""
+def ranks_differ(model) -> list:
+    """The parameters of the model that are not the same, bit for bit, on every process of a
+    distributed run (DistributedDataParallel's promise; a desync would silently train N
+    different models). One sha256 per parameter per rank, gathered. Buffers are left out:
+    detectron2 wraps the model with ``broadcast_buffers=False``, so the running statistics of
+    a plain BatchNorm are each process's own (rank 0's are saved); FrozenBN and GN have none."""
     import hashlib
 
     from detectron2.utils import comm
 
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    digests = comm.all_gather(digest.hexdigest())
-    return len(set(digests)) == 1
+    mine = {name: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for name, t in model.named_parameters()}
+    every = comm.all_gather(mine)
+    return sorted(name for name in mine if len({d.get(name) for d in every}) > 1)
 
 
 def run_facts(run_dir: str, cfg: CfgNode) -> Dict[str, object]:

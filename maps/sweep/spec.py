@@ -286,8 +286,15 @@ def _component(known: Sequence[str], key: str) -> Any:
 
 
 def _task(value: str) -> str:
-    if ":" not in value:
-        raise ValueError(f"expected 'package.module:function', got {value!r}")
+    """A trial task: ``maps``' own, or a module the operator named in ``$MAPS_TASK_MODULES``
+    (importing a module runs its code: a file never chooses one)."""
+    from maps.launch.specs import check_task
+    from maps.errors import MapsError
+
+    try:
+        check_task(value)
+    except MapsError as e:
+        raise ValueError(str(e)) from None
     return value
 
 

@@ -1,8 +1,5 @@
 """Missing or tampered banks, indexes and neighbour caches: refused in one line naming the file
-(slow: the bank is built once per session by the ``bank`` fixture of tests/faults/conftest.py).
-
-Cases marked "needs bank verification (issue 12 item 5)" wait for the bank/index/cache hash
-checks another change adds; until then they may fail (xfail, not strict)."""
+(slow: the bank is built once per session by the ``bank`` fixture of tests/faults/conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +11,6 @@ import pytest
 
 from .harness import REPO, Case, check_refused, maps_env, params
 
-VERIFY = "needs bank verification (issue 12 item 5)"
 MAPS_TINY = REPO / "experiments" / "configs" / "synthetic" / "maps_tiny.yaml"
 
 
@@ -163,15 +159,15 @@ def cache_missing(ws, datasets_root, bank):
 STAMP = ["bank/.verified.json"]
 BANK_CASES = [
     Case("bank: tampered object tokens (same size)", bank_tampered_tokens, "object_tokens.npy", slow=True, outputs=STAMP),
-    Case("bank: tampered scene keys (same size)", bank_tampered_keys, "scene_keys.npy", slow=True, outputs=STAMP, xfail=VERIFY),
+    Case("bank: tampered scene keys (same size)", bank_tampered_keys, "scene_keys.npy", slow=True, outputs=STAMP),
     Case("bank: manifest not JSON", bank_manifest_not_json, "manifest.json", slow=True, outputs=STAMP),
     Case("bank: manifest with another image count", bank_manifest_wrong_count, "manifest.json", slow=True, outputs=STAMP),
     Case("bank: array of another shape", bank_array_of_another_shape, "scene_keys.npy", slow=True, outputs=STAMP),
     Case("bank: array missing", bank_array_missing, "object_offsets.npy", slow=True, outputs=STAMP),
     Case("bank: pickled object array", bank_pickled_array, "object_categories.npy", slow=True, outputs=STAMP),
     Case("bank: path is a file", bank_path_is_a_file, "bank", slow=True, outputs=STAMP),
-    Case("index: truncated", index_tampered, ".faiss", slow=True, outputs=STAMP, xfail=VERIFY),
-    Case("index: zeroed", index_garbage, ".faiss", slow=True, outputs=STAMP, xfail=VERIFY),
+    Case("index: truncated", index_tampered, ".faiss", slow=True, outputs=STAMP),
+    Case("index: zeroed", index_garbage, ".faiss", slow=True, outputs=STAMP),
     Case("cache: truncated line", cache_truncated_line, "synthetic_train.jsonl", slow=True, outputs=STAMP),
     Case("cache: header of another bank", cache_of_another_bank, "synthetic_train.jsonl", slow=True, outputs=STAMP),
     Case("cache: neighbour not in the bank", cache_neighbor_not_in_bank, "synthetic_val.jsonl", slow=True, outputs=STAMP),
