@@ -72,6 +72,8 @@ class RunResult:
     where: str
     #: why the record could not be used (state ``bad record``), as the warning says it
     problem: Optional[str] = None
+    #: config keys whose pretrained file the run replaced by random weights
+    random_weights: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -181,7 +183,8 @@ class RunStoreSource(RunSource):
                 if problem is not None:
                     index.warnings.append(problem)
                     state = "bad record"
-            index.add(RunResult(experiment, seed, state, final, str(run_dir), problem))
+            index.add(RunResult(experiment, seed, state, final, str(run_dir), problem,
+                                tuple(status.get("random_weights") or ())))
         return index
 
     def history(self, experiment: str, seed: int) -> List[Dict[str, Any]]:
@@ -363,7 +366,9 @@ class WandbSource(RunSource):
                 if "iteration" not in final and isinstance(run.summary.get("_step"), (int, float)):
                     final["iteration"] = float(run.summary["_step"])
             self._by_key[(experiment, seed)] = run
-            index.add(RunResult(experiment, seed, state, final, where))
+            facts = (run.config or {}).get("maps") or {}
+            random = tuple(facts.get("random_weights") or ()) if isinstance(facts, dict) else ()
+            index.add(RunResult(experiment, seed, state, final, where, random_weights=random))
         return index
 
     def history(self, experiment: str, seed: int) -> List[Dict[str, Any]]:

@@ -205,6 +205,8 @@ class Row:
     runs: Dict[int, str] = field(default_factory=dict)
     is_baseline: bool = False
     confidence: Optional[str] = None
+    #: finished seeds that trained from random weights where the config names pretrained files
+    random_weights: Dict[int, Tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def n_done(self) -> int:
@@ -232,7 +234,12 @@ class Row:
             return "paper only"
         text = f"{self.n_done}/{len(self.runs)} done"
         missing = self.missing()
-        return f"{text}; {missing}" if missing else text
+        if missing:
+            text += f"; {missing}"
+        if self.random_weights:
+            seeds = ",".join(str(s) for s in sorted(self.random_weights))
+            text += f"; random weights (seed {seeds})"
+        return text
 
 
 @dataclass
@@ -306,6 +313,8 @@ def _fill_row(row: Row, runs: Mapping[int, Any], seeds: Sequence[int], columns: 
                 warnings.append(run.problem)
             continue
         row.runs[seed] = "done"
+        if run.random_weights:
+            row.random_weights[seed] = tuple(run.random_weights)
         for metric in columns:
             value = _final_value(run.final, metric)
             if value is None:

@@ -64,3 +64,18 @@ def test_metrics_history_dedupes_a_resume(tmp_path):
         {"iteration": 399, "total_loss": 2.0},
     ])
     assert metric_curve(RunStore.read_metrics(run), "PQ") == ([99, 199, 299], [10.0, 11.5, 12.5])
+
+
+def test_rows_trained_on_random_weights_say_so(tmp_path, registry):
+    from maps.report import render
+
+    write_run(tmp_path, "ade20k/maps", 0, "done", final_record(40.0, 27.0, 47.0))
+    run = write_run(tmp_path, "ade20k/maps", 1, "done", final_record(41.0, 27.5, 47.5))
+    status = json.loads((run / "status.json").read_text())
+    status["random_weights"] = ["MODEL.WEIGHTS", "MODEL.MAPS.MEMORY.WEIGHTS"]
+    (run / "status.json").write_text(json.dumps(status))
+    table = build_tables(registry, RunStore(tmp_path), 2, "paper").tables[0]
+    row = table.row("ade20k/maps")
+    assert row.random_weights == {1: ("MODEL.WEIGHTS", "MODEL.MAPS.MEMORY.WEIGHTS")}
+    assert "2/2 done; random weights (seed 1)" in row.runs_text()
+    assert "random weights (seed 1)" in render(table, "md")
