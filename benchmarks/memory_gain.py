@@ -81,7 +81,7 @@ def render(rows: Dict[str, Dict[str, Any]], retrieval: Any, meta: Dict[str, Any]
 @click.option("--seeds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--iterations", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--train-images", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--val-images", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--val-images", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--root", type=click.Path(file_okay=False), default="runs/benchmarks/memory_gain",
               show_default=True, help="Dataset, memory and run store of the benchmark.")

@@ -203,6 +203,17 @@ def scenes_of(dataset_root: Path, split: str) -> Dict[Any, str]:
     return {im["id"]: im["scene"] for im in images}
 
 
+def places_of(dataset_root: Path, split: str) -> Dict[Any, str]:
+    """image id -> recurring place (the ``place`` field of street and lake images, dataset
+    format 3); images of no place are left out."""
+    path = Path(dataset_root) / f"panoptic_{split}.json"
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"{path}: cannot read the images' places ({e})") from None
+    return {im["id"]: im["place"] for im in images if im.get("place")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: bank + neighbour caches
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +263,32 @@ class SceneRetrieval:
     def describe(self) -> str:
         return (f"same-scene retrieval {100 * self.rate:.1f}% of top-{self.k} neighbours "
                 f"({self.queries} queries; chance {100 * self.chance:.1f}%)")
+
+
+def same_place_rate(cache_path: Path, query_places: Mapping[Any, str], memory_places: Mapping[Any, str],
+                    memory_size: int, k: Optional[int] = None) -> Optional[SceneRetrieval]:
+    """:func:`same_scene_rate` for recurring places: over the queries that show one, the
+    fraction of retrieved neighbours of the same place, next to chance (the share of the
+    ``memory_size`` memory images that show it); None when no query shows a place."""
+    from maps.memory.retrieval import NeighborCache
+
+    counts = Counter(memory_places.values())
+    hits = n = queries = k_used = 0
+    chance_sum = 0.0
+    for image_id, (neighbors, _scores) in NeighborCache(cache_path).items():
+        place = query_places.get(image_id)
+        if place is None:
+            continue
+        top = list(neighbors)[:k] if k else list(neighbors)
+        k_used = max(k_used, len(top))
+        hits += sum(memory_places.get(nb) == place for nb in top)
+        n += len(top)
+        own = 1 if image_id in memory_places else 0
+        chance_sum += (counts[place] - own) / max(memory_size - own, 1)
+        queries += 1
+    if not queries or not n:
+        return None
+    return SceneRetrieval(hits / n, chance_sum / queries, queries, k_used)
 
 
 def same_scene_rate(cache_path: Path, query_scenes: Mapping[Any, str], memory_scenes: Mapping[Any, str],
@@ -578,6 +615,12 @@ def run_demo(runs_root: Path, out_dir: Path, size: DemoSize = FULL, experiments:
         retrieval = same_scene_rate(Path(memory.output_dir) / "neighbors" / "synthetic_val.jsonl",
                                     scenes_of(dataset_root, "val"), scenes_of(dataset_root, "train"), k=k)
         say(f"      val -> train {retrieval.describe()}")
+        train_scenes = scenes_of(dataset_root, "train")
+        places = same_place_rate(Path(memory.output_dir) / "neighbors" / "synthetic_val.jsonl",
+                                 places_of(dataset_root, "val"), places_of(dataset_root, "train"),
+                                 len(train_scenes), k=k)
+        if places is not None:
+            say(f"      of street and lake queries: {places.describe().replace('same-scene', 'same-place')}")
     else:
         say("[2/5] memory: none of the experiments uses memory")
 

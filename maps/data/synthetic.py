@@ -9,13 +9,18 @@ distribution over things, and two pairs of thing classes are drawn identically (
 the scene does. The ground cars and boats stand on is ambiguous too: ``road`` and ``water``
 are painted alike (format version 2).
 
-Format 3 makes a street and a lake the same picture below the sky: a grass verge, then the
-look-alike ground with the look-alike hulls standing wholly on it, among the same company
-(people, birds). Nothing near a car or a boat tells which it is; the sky does, far above it
-(hazy grey over a street, clear blue over a lake), and so do other pictures of the same kind
-of place: in half of the street and lake images the hulls give themselves away (a car's
-black wheels, a boat's white sail). Retrieval finds those pictures (its keys see the sky),
-and their object tokens carry the giveaways to the ambiguous hulls of the query image.
+Format 3 makes streets and lakes *places* that look alike. A street and a lake are the same
+picture: sky, a grass verge, then the look-alike ground with the look-alike hulls standing
+wholly on it, among the same company (people, birds). There are 8 street places and 8 lake
+places (:data:`_PLACES`); each has its own sky colour, grass colour and horizon, recurring in
+all its images, and all 16 draw them from one distribution (the skies spread round the colour
+wheel, dealt to streets and lakes at random). So no rule tells a street from a lake: the
+image alone says which *place* it is, not what its ground and hulls are, and a model without
+memory must remember all 16 places from its training images. Other pictures of the same
+place do say it: in half of the street and lake images the hulls give themselves away (a
+car's black wheels, a boat's white sail). Retrieval finds pictures of the same place (its
+keys see the sky, the grass and the horizon), and their object tokens carry the giveaways to
+the query image, whose own hulls may show none.
 
 Layout written by :func:`generate_synthetic_dataset` (``<split>`` is ``train`` or ``val``)::
 
@@ -58,7 +63,7 @@ __all__ = [
     "read_manifest",
 ]
 
-FORMAT_VERSION = 3  # 2: road and water painted alike; 3: street and lake alike below the sky
+FORMAT_VERSION = 3  # 2: road and water painted alike; 3: streets and lakes are places alike
 MANIFEST_NAME = "maps_synthetic.json"
 SPLITS = ("train", "val")
 # image ids of a split start here, so that train and val ids never collide whatever their sizes
@@ -138,34 +143,96 @@ class _SceneType:
     count: Tuple[int, int]
     crowd_of: str  # class of the occasional iscrowd group
     weight: float = 1.0  # how often the scene is drawn, relative to the others
-    sky: Optional[Tuple[int, int, int]] = None  # the sky's paint, where it is the scene's own
     #: ground things stand wholly inside the lowest band: nothing above the ground is near them
     grounded: bool = False
     #: the share of the scene's images whose look-alikes show what gives them away (a car's
     #: black wheels, a boat's white sail); in the others they are indistinguishable
     reveal: float = 0.0
+    #: recurring places of this scene type (see _Place); 0: every image is a place of its own
+    places: int = 0
 
 
 _SCENE_TYPES: Tuple[_SceneType, ...] = (
     _SceneType("kitchen", (("wall", 0.0), ("floor", 0.58)),
                {"chair": 3, "table": 2.5, "bottle": 2.5, "cat": 2.5, "person": 0.5}, (3, 7), "bottle",
                weight=1.25),
-    # street and lake are the same picture below the sky (format 3): a grass verge, then the
-    # look-alike ground (road / water) with look-alike hulls (car / boat) standing wholly on
-    # it, and the same company (people, birds). Only the sky, a hazy grey over the town and a
-    # clear blue over the lake, tells them apart, well above every car and boat -- and, in
-    # half of the images, the hulls' giveaways (black wheels, white sails).
+    # street and lake are the same picture (format 3): sky, a grass verge, then the look-alike
+    # ground (road / water) with look-alike hulls (car / boat) standing wholly on it, and the
+    # same company (people, birds); each image is one of the type's places (its own sky,
+    # grass and horizon, see _Place), and in half of them the hulls show their giveaways
+    # (black wheels, white sails).
     _SceneType("street", (("sky", 0.0), ("grass", 0.3), ("road", 0.44)),
                {"car": 5, "person": 2, "bird": 1.5}, (2, 6), "person", weight=1.25,
-               sky=(150, 138, 128), grounded=True, reveal=0.5),
+               grounded=True, reveal=0.5, places=8),
     _SceneType("lake", (("sky", 0.0), ("grass", 0.3), ("water", 0.44)),
                {"boat": 5, "person": 2, "bird": 1.5}, (2, 6), "bird", weight=1.25,
-               sky=(60, 120, 200), grounded=True, reveal=0.5),
+               grounded=True, reveal=0.5, places=8),
     _SceneType("forest", (("sky", 0.0), ("grass", 0.32)),
                {"tree": 4, "bird": 2, "dog": 3, "person": 1}, (2, 7), "bird"),
 )
 SCENES: Tuple[str, ...] = tuple(s.name for s in _SCENE_TYPES)
 _SCENE_BY_NAME = {s.name: s for s in _SCENE_TYPES}
+
+
+@dataclass(frozen=True)
+class _Place:
+    """A place that recurs in many images: its own sky, grass and horizon in all of them.
+
+    Street places and lake places draw these from one and the same distribution, so nothing
+    about a place's looks says whether it is a street or a lake: a model has to remember
+    each place, or look at other pictures of it."""
+
+    scene: str
+    index: int
+    sky: Tuple[int, int, int]
+    grass: Tuple[int, int, int]
+    bands: Tuple[Tuple[str, float], ...]
+
+
+def _hsv(h: float, s: float, v: float) -> Tuple[int, int, int]:
+    import colorsys
+
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+#: hues of the places' grass; their skies keep out of this range (a sky must not look like grass)
+_GRASS_HUES = (0.17, 0.36)
+
+
+def _make_places(seed: int = 3) -> Dict[str, Tuple[_Place, ...]]:
+    """The places of the scene types that have them (street, lake: as many of each), the same
+    in every dataset. Their skies are spread evenly round the colour wheel outside the grass
+    hues, and dealt pair by pair: of two neighbouring hues, one goes to a street and the other
+    to a lake, at random. So every part of the wheel has both, and no colour rule tells a
+    street from a lake; grass colours and horizons are drawn alike for all."""
+    rng = np.random.default_rng(seed)
+    kinds = [t for t in _SCENE_TYPES if t.places]
+    if len(kinds) != 2 or kinds[0].places != kinds[1].places:
+        raise ValueError("places are dealt in pairs: two scene types with as many places each")
+    n = kinds[0].places
+    lo, hi = _GRASS_HUES[1] + 0.04, 1.0 + _GRASS_HUES[0] - 0.04  # the sky hues, going round
+    hues = lo + (hi - lo) * (np.arange(2 * n) + 0.5) / (2 * n)
+    dealt: Dict[str, List[float]] = {t.name: [] for t in kinds}
+    for pair in range(n):
+        first = int(rng.integers(2))
+        dealt[kinds[first].name].append(float(hues[2 * pair]))
+        dealt[kinds[1 - first].name].append(float(hues[2 * pair + 1]))
+    out: Dict[str, Tuple[_Place, ...]] = {}
+    for t in kinds:
+        places = []
+        for i, hue in enumerate(rng.permutation(dealt[t.name])):
+            grass_top = float(rng.uniform(0.2, 0.36))
+            bands = ((t.bands[0][0], 0.0), (t.bands[1][0], grass_top),
+                     (t.bands[2][0], grass_top + float(rng.uniform(0.1, 0.16))))
+            places.append(_Place(
+                t.name, i, sky=_hsv(hue, rng.uniform(0.45, 0.7), rng.uniform(0.7, 0.92)),
+                grass=_hsv(rng.uniform(*_GRASS_HUES), rng.uniform(0.45, 0.8), rng.uniform(0.4, 0.7)),
+                bands=bands))
+        out[t.name] = tuple(places)
+    return out
+
+
+_PLACES = _make_places()
 _SCENE_P = np.array([s.weight for s in _SCENE_TYPES], np.float64) / sum(s.weight for s in _SCENE_TYPES)
 
 _CROWD_PROB = 0.08       # an image gets one iscrowd group with this probability
@@ -182,6 +249,7 @@ class SyntheticScene:
     image: np.ndarray                 # (H, W, 3) uint8 RGB
     panoptic: np.ndarray              # (H, W) int32 segment ids, 0 = void
     segments: List[Dict] = field(default_factory=list)  # id, category_id, iscrowd, bbox, area
+    place: Optional[str] = None       # "<scene>-<k>" for an image of a recurring place
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -280,11 +348,11 @@ def _giveaway(cv: _Canvas, giveaway: str, x0: float, y0: float, w: float, h: flo
     raise ValueError(f"unknown giveaway {giveaway!r}")
 
 
-def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator) -> np.ndarray:
+def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator,
+                   paint: Optional[Tuple[int, int, int]] = None) -> np.ndarray:
     """(H, W, 3) float colour field of one stuff class, with a scene-specific texture."""
     s = cv.size
     y, x = cv.yf / s, cv.xf / s
-    paint = _SCENE_BY_NAME[scene].sky if stuff == "sky" else None
     base = np.array(paint or _STUFF_PAINT.get(stuff) or dict((n, c) for _, n, c in _STUFF)[stuff],
                     np.float32)
     shade = np.zeros((s, s), np.float32)
@@ -306,15 +374,16 @@ def _stuff_texture(cv: _Canvas, scene: str, stuff: str, rng: np.random.Generator
     return base[None, None, :] + shade[..., None]
 
 
-def _band_starts(scene: _SceneType, size: int, rng: np.random.Generator) -> List[np.ndarray]:
+def _band_starts(bands: Sequence[Tuple[str, float]], size: int, rng: np.random.Generator,
+                 jitter: float = 0.05) -> List[np.ndarray]:
     """Per band, the first row of the band at each column (wavy, jittered boundaries)."""
     xs = np.arange(size, dtype=np.float32) / size
     starts = []
-    for i, (_, frac) in enumerate(scene.bands):
+    for i, (_, frac) in enumerate(bands):
         if i == 0:
             starts.append(np.zeros(size, np.float32))
             continue
-        base = frac + rng.uniform(-0.05, 0.05)
+        base = frac + rng.uniform(-jitter, jitter)
         amp = rng.uniform(0.0, 0.03)
         wave = amp * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * xs + rng.uniform(0, 2 * np.pi))
         starts.append((base + wave) * size)
@@ -327,8 +396,11 @@ def render_scene(rng: np.random.Generator, size: int, scene: Optional[str] = Non
         stype = _SCENE_TYPES[int(rng.choice(len(_SCENE_TYPES), p=_SCENE_P))]
     else:
         stype = _SCENE_BY_NAME[scene]
+    place = None
+    if stype.places:
+        place = _PLACES[stype.name][int(rng.integers(stype.places))]
     canvas = _Scene(size, rng)
-    ground_top, sky_bottom = canvas.draw_stuff(stype)
+    ground_top, sky_bottom = canvas.draw_stuff(stype, place)
     canvas.draw_things(stype, ground_top, sky_bottom)
     if rng.random() < _VOID_LINE_PROB:
         canvas.draw_cable()
@@ -337,7 +409,8 @@ def render_scene(rng: np.random.Generator, size: int, scene: Optional[str] = Non
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     min_area = max(8, int(_MIN_AREA_FRACTION * size * size))
     segments = _segments_after_occlusion(canvas.pan, canvas.info, min_area)
-    return SyntheticScene(stype.name, image, canvas.pan, segments)
+    return SyntheticScene(stype.name, image, canvas.pan, segments,
+                          None if place is None else f"{place.scene}-{place.index}")
 
 
 class _Scene:
@@ -350,13 +423,16 @@ class _Scene:
         self.info: Dict[int, Tuple[int, int]] = {}  # segment id -> (category id, iscrowd)
         self._instances: Dict[int, int] = {}
 
-    def draw_stuff(self, stype: _SceneType) -> Tuple[float, float]:
-        """Stuff bands, each overwriting the rows below its wavy start; returns where the
-        lowest band begins at its highest and where the second band begins at its lowest."""
-        starts = _band_starts(stype, self.size, self.rng)
-        for (stuff, _), start in zip(stype.bands, starts):
+    def draw_stuff(self, stype: _SceneType, place: Optional[_Place] = None) -> Tuple[float, float]:
+        """Stuff bands, each overwriting the rows below its wavy start (a place's own bands,
+        sky and grass, barely jittered); returns where the lowest band begins at its highest
+        and where the second band begins at its lowest."""
+        bands = place.bands if place is not None else stype.bands
+        starts = _band_starts(bands, self.size, self.rng, jitter=0.015 if place is not None else 0.05)
+        paints = {"sky": place.sky, "grass": place.grass} if place is not None else {}
+        for (stuff, _), start in zip(bands, starts):
             m = self.cv.yf >= start[None, :]
-            texture = _stuff_texture(self.cv, stype.name, stuff, self.rng)
+            texture = _stuff_texture(self.cv, stype.name, stuff, self.rng, paints.get(stuff))
             np.copyto(self.image, texture, where=m[..., None])
             sid = _STUFF_ID[stuff] * 1000
             self.pan[m] = sid
@@ -504,7 +580,7 @@ def _write_image(root: Path, split: str, index: int, seed: int, size: int) -> Di
                           "iscrowd": seg["iscrowd"]})
     return {
         "image": {"id": image_id, "file_name": f"{stem}.jpg", "height": size, "width": size,
-                  "scene": s.scene},
+                  "scene": s.scene, **({"place": s.place} if s.place else {})},
         "annotation": {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": s.segments},
         "instances": instances,
     }

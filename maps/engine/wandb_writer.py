@@ -131,7 +131,7 @@ def persisted_step(run_dir: Union[str, os.PathLike], run_id: str) -> int:
     """
     files = sorted(Path(run_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"), reverse=True)
     for path in files:
-        steps = [r.history.step.num for r in _records(path) if r.WhichOneof("record_type") == "history"]
+        steps = [r.history.step.num for r in offline_records(path) if r.WhichOneof("record_type") == "history"]
         if steps:
             return max(steps)
     return -1
@@ -140,7 +140,7 @@ def persisted_step(run_dir: Union[str, os.PathLike], run_id: str) -> int:
 _BLOCK, _HEADER = 32 * 1024, 7  # W&B's record log: leveldb-log framing, 32 KiB blocks
 
 
-def _records(path: Path) -> list:
+def offline_records(path: Path) -> list:
     """The complete Records of one ``run-<id>.wandb`` file, in file order."""
     from wandb.proto import wandb_internal_pb2 as pb
 

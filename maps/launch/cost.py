@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from maps.launch.runstore import RunStore, RunStoreError, read_metrics
+from maps.launch.specs import config_value
 
 __all__ = ["RunCost", "estimate_costs", "measured_step_times"]
 
@@ -74,15 +75,8 @@ def _step_time(experiment: str, measured: Dict[str, List[float]],
 
 
 def _iterations(config: Any) -> Optional[int]:
-    try:
-        return int(config.SOLVER.MAX_ITER)
-    except AttributeError:
-        import yaml
-
-        try:
-            return int((yaml.safe_load(config) or {})["SOLVER"]["MAX_ITER"])
-        except (yaml.YAMLError, KeyError, TypeError, ValueError):
-            return None
+    value = config_value(config, "SOLVER.MAX_ITER")
+    return int(value) if value is not None else None
 
 
 def estimate_costs(specs: Sequence[Any], profile: Any, store: RunStore) -> List[RunCost]:

@@ -44,7 +44,7 @@ from maps.launch.runstore import (
 )
 
 logger = logging.getLogger(__name__)
-from maps.launch.specs import EXECUTORS, LaunchError, PrereqSpec, RunSpec, _PREREQ_JOB, _PREREQ_LOCK, resolve_task
+from maps.launch.specs import EXECUTORS, LaunchError, PrereqSpec, RunSpec, _PREREQ_JOB, _PREREQ_LOCK, config_value, resolve_task
 from maps.launch.profiles import ClusterProfile, load_profile
 from maps.launch.scheduler import SLURM_ALIVE_STATES, reconcile, slurm_available, slurm_job_states
 from maps.launch.executors import make_executor
@@ -296,15 +296,8 @@ def _check_batch(spec: RunSpec, profile: ClusterProfile) -> None:
 
 
 def _total_batch(config: Any) -> Optional[int]:
-    try:
-        return int(config.SOLVER.IMS_PER_BATCH)
-    except AttributeError:
-        import yaml
-
-        try:
-            return int((yaml.safe_load(config) or {})["SOLVER"]["IMS_PER_BATCH"])
-        except Exception:  # a toy config without SOLVER: nothing to check
-            return None
+    value = config_value(config, "SOLVER.IMS_PER_BATCH")
+    return int(value) if value is not None else None
 
 
 def _launch_in_order(runs: Sequence[RunSpec], executor: str, profile: ClusterProfile,

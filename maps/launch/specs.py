@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 
 from maps.errors import MapsError
@@ -83,6 +83,25 @@ class RunSpec:
 #: modules besides maps' own whose functions may be tasks (comma-separated), named by the
 #: operator in the environment, never by a file (a sweep's or a record's ``task:``)
 TASK_MODULES_ENV = "MAPS_TASK_MODULES"
+
+
+def config_value(config: Any, key: str) -> Optional[Any]:
+    """``key`` (dotted, e.g. ``SOLVER.MAX_ITER``) of a run's config, a CfgNode or YAML text;
+    None when it has none (the toy tasks' configs)."""
+    node = config
+    if isinstance(config, str):
+        import yaml
+
+        try:
+            node = yaml.safe_load(config) or {}
+        except yaml.YAMLError:
+            return None
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, IndexError):
+            return None
+    return node
 
 
 def check_task(path: Any, where: str = "") -> None:

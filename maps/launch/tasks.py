@@ -9,7 +9,6 @@ import traceback
 from typing import Any, Dict, Optional
 
 import submitit
-import yaml
 
 from maps.io import atomic_write_json, make_dir
 from maps.launch.runstore import (
@@ -19,19 +18,15 @@ from maps.launch.runstore import (
 )
 
 logger = logging.getLogger(__name__)
-from maps.launch.specs import PrereqSpec, resolve_task
+from maps.launch.specs import PrereqSpec, config_value, resolve_task
 from maps.launch.distributed import distributed_env, init_distributed, teardown_distributed
 
 # ---------------------------------------------------------------------------------------------
 # What runs inside a job
 # ---------------------------------------------------------------------------------------------
 def _per_worker_batch(config_yaml: str, world_size: int) -> Optional[int]:
-    try:
-        cfg = yaml.safe_load(config_yaml) or {}
-        total = int(cfg["SOLVER"]["IMS_PER_BATCH"])
-    except Exception:  # a toy config without SOLVER: nothing to report
-        return None
-    return total // max(world_size, 1)
+    total = config_value(config_yaml, "SOLVER.IMS_PER_BATCH")
+    return None if total is None else int(total) // max(world_size, 1)
 
 
 def _set_threads(threads: Any) -> None:

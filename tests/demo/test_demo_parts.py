@@ -214,3 +214,18 @@ def test_the_demo_trains_seed_by_seed():
     specs = [SimpleNamespace(experiment=e, seed=s) for e in ("m2f", "maps") for s in (0, 1, 2)]
     assert [(s.experiment, s.seed) for s in seed_major(specs)] == [
         ("m2f", 0), ("maps", 0), ("m2f", 1), ("maps", 1), ("m2f", 2), ("maps", 2)]
+
+
+def test_same_place_rate_counts_the_queries_that_show_a_place(tmp_path):
+    from maps.demo import places_of, same_place_rate
+
+    # memory of 6 images: 1-2 at street-0, 3 at lake-1, 4-6 kitchens (no place)
+    memory = {1: "street-0", 2: "street-0", 3: "lake-1"}
+    cache = _cache(tmp_path / "nb.jsonl", [(10, [1, 3]), (11, [3, 4]), (12, [4, 5])])
+    r = same_place_rate(cache, {10: "street-0", 11: "lake-1"}, memory, memory_size=6)
+    assert r.rate == pytest.approx(2 / 4) and r.queries == 2  # the kitchen query 12 is left out
+    assert r.chance == pytest.approx((2 / 6 + 1 / 6) / 2)
+    assert same_place_rate(cache, {12: None}, memory, memory_size=6) is None
+    (tmp_path / "panoptic_val.json").write_text(json.dumps(
+        {"images": [{"id": 5, "scene": "lake", "place": "lake-1"}, {"id": 6, "scene": "kitchen"}]}))
+    assert places_of(tmp_path, "val") == {5: "lake-1"}

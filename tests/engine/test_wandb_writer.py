@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -15,10 +14,8 @@ from pathlib import Path
 import pytest
 from detectron2.utils.events import EventStorage
 
-from maps.engine.wandb_writer import REACH_TIMEOUT_S, WandbWriter, has_wandb_credentials, resolve_mode
-
-_BLOCK = 32 * 1024
-_HEADER = 7  # file: ":W&B" + magic + version; record: crc32, length, type
+from maps.engine.wandb_writer import (REACH_TIMEOUT_S, WandbWriter, has_wandb_credentials,
+                                      offline_records, resolve_mode)
 
 
 def read_wandb_records(run_dir, timeout=30.0):
@@ -29,41 +26,12 @@ def read_wandb_records(run_dir, timeout=30.0):
     """
     deadline = time.monotonic() + timeout
     while True:
-        records = [_read_record_file(p) for p in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))]
+        records = [offline_records(p) for p in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))]
         if all(recs and recs[-1].WhichOneof("record_type") == "exit" for recs in records):
             return [r for recs in records for r in recs]
         if time.monotonic() > deadline:
             raise AssertionError(f"W&B offline files under {run_dir} still incomplete after {timeout}s")
         time.sleep(0.1)
-
-
-def _read_record_file(path):
-    """Records of one ``run-<id>.wandb`` file (leveldb-log framing: 32 KiB blocks of chunks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    out = []
-    data, pos, buf = path.read_bytes(), _HEADER, b""
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        if pos + _HEADER + length > len(data):
-            break  # still being written
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk, pos = data[pos + _HEADER:pos + _HEADER + length], pos + _HEADER + length
-        if kind in (1, 2):
-            buf = chunk
-        else:
-            buf += chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-    return out
 
 
 def logged_steps(run_dir):
@@ -412,7 +380,7 @@ def _children(pid):
 
 
 def _history(path):
-    return [r.history.step.num for r in _read_record_file(path) if r.WhichOneof("record_type") == "history"]
+    return [r.history.step.num for r in offline_records(path) if r.WhichOneof("record_type") == "history"]
 
 
 def test_a_killed_run_resumes_without_gap_or_duplicate(run_dir):
@@ -454,7 +422,7 @@ def test_a_killed_run_resumes_without_gap_or_duplicate(run_dir):
     later = [p for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) if p != first]
     assert len(later) == 1
     deadline = time.monotonic() + 30
-    while [r.WhichOneof("record_type") for r in _read_record_file(later[0])][-1:] != ["exit"]:
+    while [r.WhichOneof("record_type") for r in offline_records(later[0])][-1:] != ["exit"]:
         assert time.monotonic() < deadline, "W&B never finished the second attempt's file"
         time.sleep(0.1)
     # every write period once: 11 (logged but never stored) is logged again, 8 is not
