@@ -90,6 +90,37 @@ def read_metrics(run_dir: PathLike) -> List[Dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)] + loose
 
 
+def trim_metrics(run_dir: PathLike, start_iter: int) -> int:
+    """Cut ``metrics.json`` before its first record of an iteration >= ``start_iter``, the
+    iteration a resumed training starts from, so the records a killed attempt logged after its
+    last checkpoint are not in the file twice (whatever resumed it: ``--resume``, a requeue, a
+    retry). In place with one ``ftruncate``: detectron2's JSONWriter keeps the file open in
+    append mode and goes on writing at its new end. Returns the records dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        offset, cut, dropped = 0, None, 0
+        for line in f:
+            try:
+                it = json.loads(line).get("iteration")
+            except (ValueError, AttributeError):
+                it = None  # a torn last line of a killed writer: cut with the rest
+                cut = offset if cut is None else cut
+            if cut is None and isinstance(it, int) and it >= start_iter:
+                cut = offset
+            if cut is not None:
+                dropped += 1
+            offset += len(line)
+        if cut is not None:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+    return dropped
+
+
 def read_wandb(run_dir: PathLike) -> Optional[Dict[str, Any]]:
     return read_json(Path(run_dir) / WANDB_FILE)
 

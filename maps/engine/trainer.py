@@ -146,5 +146,13 @@ class MAPSTrainer(DefaultTrainer):
         # continue the sampler's stream where the interrupted attempt stopped
         from detectron2.utils import comm
 
+        if resume and self.start_iter > 0 and comm.is_main_process():
+            from maps.engine.run_record import trim_metrics
+
+            dropped = trim_metrics(self.cfg.OUTPUT_DIR, self.start_iter)
+            if dropped:
+                logger.info("metrics.json: %d records after the checkpoint dropped (logged again "
+                            "from iteration %d)", dropped, self.start_iter)
+
         per_worker = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         self._sampler.skip_to(self.start_iter * per_worker)
