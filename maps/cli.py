@@ -14,17 +14,11 @@ import importlib
 import os
 import pkgutil
 import sys
-import warnings
 
 import click
 
 from maps import __version__
 from maps.errors import MapsError, redact_secrets
-
-
-# fvcore (via detectron2) scripts a function at import; torch 2.14 deprecates that loudly
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                        category=FutureWarning)
 
 
 DEBUG_HINT = "(run with --debug for the traceback)"

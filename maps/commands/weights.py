@@ -25,6 +25,23 @@ def experiments_needing(names: Sequence[str] = ()) -> Dict[str, List[str]]:
     return out
 
 
+def _each(names, act, ok_line) -> None:
+    """``act`` on each weight: one line each, an ``error:`` line for each failure, exit 2 if any."""
+    from maps.errors import MapsError
+
+    failed = 0
+    for name in names:
+        try:
+            manifest = act(name)
+        except MapsError as e:
+            click.echo("error: " + " ".join(str(e).split()), err=True)
+            failed += 1
+            continue
+        click.echo(ok_line(name, manifest))
+    if failed:
+        sys.exit(2)
+
+
 @click.group("weights")
 def weights() -> None:
     """The cache of pretrained files ($MAPS_WEIGHTS, default ~/.cache/maps/weights):
@@ -82,20 +99,9 @@ def fetch_command(names) -> None:
 
     Without network each weight fails at once with one line naming it and the
     `maps weights add NAME FILE` alternative."""
-    from maps.errors import MapsError
     from maps.weights.verify import fetch_weight
 
-    failed = 0
-    for name in _names(names):
-        try:
-            m = fetch_weight(name)
-        except MapsError as e:
-            click.echo("error: " + " ".join(str(e).split()), err=True)
-            failed += 1
-            continue
-        click.echo(f"{name}: {m['file']} (sha256 {m['sha256'][:12]}, verified)")
-    if failed:
-        sys.exit(2)
+    _each(_names(names), fetch_weight, lambda name, m: f"{name}: {m['file']} (sha256 {m['sha256'][:12]}, verified)")
 
 
 @weights.command("add")
@@ -115,7 +121,6 @@ def add_command(name: str, file: str) -> None:
 @click.argument("names", nargs=-1)
 def verify_command(names) -> None:
     """Re-hash NAMES (default: every cached one) and load each into maps' architecture."""
-    from maps.errors import MapsError
     from maps.weights import cache_status, weights_dir
     from maps.weights.verify import verify_weight
 
@@ -125,17 +130,8 @@ def verify_command(names) -> None:
         if not chosen:
             click.echo(f"no pretrained weights in the cache ({weights_dir()})")
             return
-    failed = 0
-    for name in chosen:
-        try:
-            m = verify_weight(name)
-        except MapsError as e:
-            click.echo("error: " + " ".join(str(e).split()), err=True)
-            failed += 1
-            continue
-        click.echo(f"{name}: ok (sha256 {m['sha256'][:12]}, loads into {m['architecture']})")
-    if failed:
-        sys.exit(2)
+    _each(chosen, verify_weight,
+          lambda name, m: f"{name}: ok (sha256 {m['sha256'][:12]}, loads into {m['architecture']})")
 
 
 COMMANDS = [weights]

@@ -30,15 +30,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from maps.errors import ConfigError, MemoryBankError
 from maps.io import make_dir
 
-__all__ = ["DEFAULT_K", "MEMORY_KIND", "PREPARE_TASK", "memory_dir", "prepare_memory",
+__all__ = ["DEFAULT_K", "MEMORY_KIND", "memory_dir", "prepare_memory",
            "apply_memory", "normalize_spec", "bank_dir", "neighbors_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: neighbours per query image in a shared cache (>= every NUM_RETRIEVED / POOL_SIZE used)
 DEFAULT_K = 20
-#: import path of :func:`prepare_memory`, as a launcher names it
-PREPARE_TASK = "maps.memory.prepare:prepare_memory"
 MEMORY_SUBDIR = "_memory"
 #: the kind of a memory folder's maps marker (maps.io): what the demo may remove when stale
 MEMORY_KIND = "memory"

@@ -72,14 +72,7 @@ CONFIDENCE = ("high", "medium", "low")
 #: config keys an ``eval_of`` entry may change: test-time behaviour only, never training
 EVAL_ONLY_PREFIXES = ("MODEL.MAPS.TEST.", "MODEL.MASK_FORMER.TEST.", "TEST.", "DATASETS.TEST")
 
-_FILE_KEYS = {"table", "suite", "title", "columns", "notes", "defaults", "entries"}
 _SETUP_KEYS = {"base", "overrides", "iterations", "seeds", "datasets", "memory_dataset"}
-_DEFAULT_KEYS = _SETUP_KEYS
-_ENTRY_KEYS = _SETUP_KEYS | {
-    "name", "row", "runnable", "paper", "reconstructed", "confidence", "same_as", "eval_of",
-    "mirrors", "notes", "cells", "our_choices", "grid", "points",
-}
-_POINT_KEYS = {"mirrors", "row", "paper", "reconstructed", "confidence", "same_as", "notes", "cells"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]*(/[a-z0-9][a-z0-9._+-]*)+$")
 _TABLE_SELECTOR_RE = re.compile(r"^(?:(?P<suite>[a-z]+)/)?(?:table)?(?P<table>\d+)$")
 

@@ -60,7 +60,7 @@ def test_two_tasks_train_one_model_and_resume_to_the_same_weights(env):
     """gloo on CPU, 2 tasks: the global batch and LR are the config's, both ranks end with the
     same weights, records and W&B are written once, and a requeued 2-task job resumes to the
     same final weights as an uninterrupted one."""
-    store, data = env["store"], env["data"]
+    store = env["store"]
     profile = env["profile"].replace(tasks_per_node=2, mem_gb=4,
                                      setup=tuple(s for s in env["profile"].setup if "WANDB" not in s)
                                      + ("export WANDB_MODE=offline",))
